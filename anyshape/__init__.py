@@ -1,0 +1,23 @@
+"""anyshape: turn one pretrained Llama-family LLM into a family of smaller, standard LLMs."""
+
+__version__ = "0.1.0"
+
+from anyshape.errors import AnyshapeError, CheckpointError, DataError, ShapeError  # noqa: E402
+from anyshape.export.hf import export_hf  # noqa: E402
+from anyshape.model.llama import ElasticLlama  # noqa: E402
+from anyshape.model.load import load, load_config, load_tokenizer  # noqa: E402
+from anyshape.shape import Shape  # noqa: E402
+
+__all__ = [
+    "AnyshapeError",
+    "CheckpointError",
+    "DataError",
+    "ElasticLlama",
+    "Shape",
+    "ShapeError",
+    "__version__",
+    "export_hf",
+    "load",
+    "load_config",
+    "load_tokenizer",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from anyshape.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""Perplexity by the sliding-window protocol.
+
+Protocol (fixed and recorded with every result):
+  1. Tokenize the whole text once, without special tokens; keep the first `max_tokens` tokens.
+  2. Slide a window of `window` tokens in steps of `stride` tokens. Each window scores only the
+     tokens no earlier window scored, so every token after the first is scored exactly once,
+     and (after the first window) with at least `window - stride` tokens of context.
+  3. Perplexity = exp(mean negative log-likelihood over the scored tokens), in nats.
+Defaults: window 512, stride 512 (disjoint windows, as lm-eval's rolling perplexity), at most
+16,384 tokens. A smaller stride gives every token more context at proportionally more cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from anyshape.errors import DataError
+from anyshape.model.llama import ElasticLlama
+from anyshape.shape import Shape
+
+WINDOW = 512
+STRIDE = 512
+MAX_TOKENS = 16_384
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, nats
+    tokens: int  # scored tokens
+    window: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first input token
+    end: int  # one past the last input token
+    first_target: int  # first scored token; targets are [first_target, end)
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int = MAX_TOKENS) -> Tensor:
+    """Token ids (N,) of `text`, truncated to `max_tokens`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(num_tokens: int, window: int = WINDOW, stride: int = STRIDE) -> list[Window]:
+    """The protocol's windows over `num_tokens` tokens."""
+    if not 0 < stride <= window:
+        raise DataError(f"stride={stride} must be in 1..window ({window})")
+    if num_tokens < 2:
+        raise DataError(f"the text has {num_tokens} token(s); perplexity needs at least 2")
+    result, scored_until = [], 1  # token 0 is never a target
+    for start in range(0, num_tokens, stride):
+        end = min(start + window, num_tokens)
+        result.append(Window(start, end, scored_until))
+        scored_until = end
+        if end == num_tokens:
+            break
+    return result
+
+
+@torch.no_grad()
+def perplexity(
+    model: ElasticLlama,
+    token_ids: Tensor,
+    shape: Shape | None = None,
+    window: int = WINDOW,
+    stride: int = STRIDE,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of `model` (at `shape`) on token_ids (N,) by the module's protocol."""
+    if shape is not None:
+        shape.validate(model.config)
+    device = next(model.parameters()).device
+    all_windows = windows(len(token_ids), window, stride)
+    total_nll, total_tokens = 0.0, 0
+    with tqdm(total=len(all_windows), desc="perplexity", unit="window", disable=not progress) as bar:
+        for batch in _batches(all_windows, batch_size):
+            inputs = torch.stack([token_ids[w.start : w.end] for w in batch]).to(device)  # (B, T)
+            logits = model(inputs, shape).float()  # (B, T, V)
+            for row, w in enumerate(batch):
+                targets = token_ids[w.first_target : w.end].to(device)
+                predictions = logits[row, w.first_target - w.start - 1 : w.end - w.start - 1]
+                total_nll += F.cross_entropy(predictions, targets, reduction="sum").item()
+                total_tokens += len(targets)
+            bar.update(len(batch))
+    mean_nll = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean_nll), mean_nll, total_tokens, window, stride)
+
+
+def _batches(all_windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length, at most `batch_size` per batch."""
+    batches: list[list[Window]] = []
+    for w in all_windows:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and last[0].end - last[0].start == w.end - w.start:
+            last.append(w)
+        else:
+            batches.append([w])
+    return batches

@@ -1,0 +1,1 @@
+"""Export any Shape as a standard checkpoint."""

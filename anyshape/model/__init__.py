@@ -1,0 +1,1 @@
+"""The elastic Llama-family model: config, forward pass, slicing, checkpoint I/O."""

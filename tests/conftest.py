@@ -1,0 +1,105 @@
+"""Tiny random Llama-family checkpoints built offline, and the embedded SmolLM2 for slow tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+TINY_CONFIGS: dict[str, PretrainedConfig] = {
+    "llama-mha-tied": LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3-gqa": LlamaConfig(
+        **TINY,
+        num_attention_heads=8,  # 8 heads of head_dim 16: q_proj is wider than hidden_size
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral-window": MistralConfig(
+        **TINY, num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False
+    ),
+    "qwen2-gqa": Qwen2Config(**TINY, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True),
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with exactly 256 tokens (one per byte), made in memory."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def build_tiny(name: str, seed: int = 0) -> AutoModelForCausalLM:
+    """A random `transformers` model of TINY_CONFIGS[name], norms randomised too."""
+    config = TINY_CONFIGS[name]
+    for field, value in TINY.items():  # typos in config kwargs pass silently; check them
+        assert getattr(config, field) == value, field
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+            elif parameter_name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> callable:
+    """tiny_dir(name) -> a saved HF folder (safetensors + byte tokenizer) of that tiny model."""
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            build_tiny(name).save_pretrained(folder)
+            byte_tokenizer().save_pretrained(folder)
+            cache[name] = folder
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M as an ElasticLlama (loaded once per session)."""
+    import anyshape
+
+    return anyshape.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    import anyshape
+
+    return anyshape.load_tokenizer("smollm2-135m")

@@ -161,7 +161,7 @@ class Shape:
     def parse(cls, text_or_path: str | Path, config: LlamaFamilyConfig) -> Shape:
         """Reads a Shape from inline JSON or from a JSON file's path."""
         text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
+        if not text.lstrip().startswith(("{", "[")):
             path = Path(text)
             if not path.is_file():
                 raise ShapeError(

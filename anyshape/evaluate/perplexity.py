@@ -2,12 +2,14 @@
 
 Protocol (fixed and recorded with every result):
   1. Tokenize the whole text once, without special tokens; keep the first `max_tokens` tokens.
-  2. Slide a window of `window` tokens in steps of `stride` tokens. Each window scores only the
-     tokens no earlier window scored, so every token after the first is scored exactly once,
-     and (after the first window) with at least `window - stride` tokens of context.
+  2. The first window is the first `window` tokens and scores tokens 1..window-1. Each later
+     window scores the next `stride` tokens and ends at the last of them, `window` tokens long,
+     so every token after the first is scored exactly once, and (after the first window) with
+     at least `window - stride` tokens of context.
   3. Perplexity = exp(mean negative log-likelihood over the scored tokens), in nats.
-Defaults: window 512, stride 512 (disjoint windows, as lm-eval's rolling perplexity), at most
-16,384 tokens. A smaller stride gives every token more context at proportionally more cost.
+Defaults: window 512, stride 511 (windows that overlap by one token, as lm-eval's rolling
+perplexity), at most 16,384 tokens. A smaller stride gives every token more context at
+proportionally more cost.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
 
 WINDOW = 512
-STRIDE = 512
+STRIDE = WINDOW - 1
 MAX_TOKENS = 16_384
 
 
@@ -57,17 +59,16 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int = MA
 
 def windows(num_tokens: int, window: int = WINDOW, stride: int = STRIDE) -> list[Window]:
     """The protocol's windows over `num_tokens` tokens."""
-    if not 0 < stride <= window:
-        raise DataError(f"stride={stride} must be in 1..window ({window})")
+    if not 0 < stride < window:
+        raise DataError(f"stride={stride} must be in 1..window-1 ({window - 1}) so every window has context")
     if num_tokens < 2:
         raise DataError(f"the text has {num_tokens} token(s); perplexity needs at least 2")
-    result, scored_until = [], 1  # token 0 is never a target
-    for start in range(0, num_tokens, stride):
-        end = min(start + window, num_tokens)
-        result.append(Window(start, end, scored_until))
-        scored_until = end
-        if end == num_tokens:
-            break
+    end = min(window, num_tokens)
+    result = [Window(0, end, 1)]  # token 0 is never a target
+    while end < num_tokens:
+        new_end = min(end + stride, num_tokens)
+        result.append(Window(max(0, new_end - window), new_end, end))
+        end = new_end
     return result
 
 

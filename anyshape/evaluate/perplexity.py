@@ -2,14 +2,14 @@
 
 Protocol (fixed and recorded with every result):
   1. Tokenize the whole text once, without special tokens; keep the first `max_tokens` tokens.
-  2. The first window is the first `window` tokens and scores tokens 1..window-1. Each later
-     window scores the next `stride` tokens and ends at the last of them, `window` tokens long,
-     so every token after the first is scored exactly once, and (after the first window) with
-     at least `window - stride` tokens of context.
-  3. Perplexity = exp(mean negative log-likelihood over the scored tokens), in nats.
-Defaults: window 512, stride 511 (windows that overlap by one token, as lm-eval's rolling
-perplexity), at most 16,384 tokens. A smaller stride gives every token more context at
-proportionally more cost.
+  2. The first window is the first `window` tokens. Each later window takes the next `stride`
+     tokens and ends at the last of them, `window` tokens long. A window scores the tokens no
+     earlier window scored, except its own first token, which has no context there.
+  3. Perplexity = exp(mean negative log-likelihood over the scored tokens), in nats, fp32.
+Defaults: window 512, stride 512, 32,768 tokens: 64 disjoint windows, 32,704 scored tokens,
+the project's WikiText-2 benchmark protocol (../shared/data/wikitext-2/README.md). A stride
+below the window scores every token after the first, each with at least `window - stride`
+tokens of context, at proportionally more cost.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
 
 WINDOW = 512
-STRIDE = WINDOW - 1
-MAX_TOKENS = 16_384
+STRIDE = WINDOW
+MAX_TOKENS = 32_768
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,16 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int = MA
 
 def windows(num_tokens: int, window: int = WINDOW, stride: int = STRIDE) -> list[Window]:
     """The protocol's windows over `num_tokens` tokens."""
-    if not 0 < stride < window:
-        raise DataError(f"stride={stride} must be in 1..window-1 ({window - 1}) so every window has context")
+    if not 0 < stride <= window:
+        raise DataError(f"stride={stride} must be in 1..window ({window})")
     if num_tokens < 2:
         raise DataError(f"the text has {num_tokens} token(s); perplexity needs at least 2")
     end = min(window, num_tokens)
-    result = [Window(0, end, 1)]  # token 0 is never a target
+    result = [Window(0, end, 1)]
     while end < num_tokens:
         new_end = min(end + stride, num_tokens)
-        result.append(Window(max(0, new_end - window), new_end, end))
+        start = max(0, new_end - window)
+        result.append(Window(start, new_end, max(end, start + 1)))
         end = new_end
     return result
 

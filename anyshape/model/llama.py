@@ -39,6 +39,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.o_bias)
+        self.head_outputs = nn.Identity()  # tap for hooks: (B, T, Q' d) entering o_proj
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape) -> Tensor:
         """x: (B, T, H') -> (B, T, H'). rope: cos and sin, each (T, d)."""
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
         )  # (B, Q', T, d)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Q' d)
+        y = self.head_outputs(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Q' d)
         return F.linear(y, w["o_proj.weight"], w.get("o_proj.bias"))
 
     def _window_mask(self, T: int, device: torch.device) -> Tensor | None:
@@ -75,13 +76,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACT2FN[config.hidden_act]
+        self.neuron_outputs = nn.Identity()  # tap for hooks: (B, T, F') entering down_proj
 
     def forward(self, x: Tensor, shape: Shape) -> Tensor:
         """x: (B, T, H') -> (B, T, H'), through F' neurons."""
         w = sliced(self, self.config, shape)
         gate = F.linear(x, w["gate_proj.weight"], w.get("gate_proj.bias"))  # (B, T, F')
         up = F.linear(x, w["up_proj.weight"], w.get("up_proj.bias"))  # (B, T, F')
-        return F.linear(self.act(gate) * up, w["down_proj.weight"], w.get("down_proj.bias"))
+        neurons = self.neuron_outputs(self.act(gate) * up)  # (B, T, F')
+        return F.linear(neurons, w["down_proj.weight"], w.get("down_proj.bias"))
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,1 @@
+"""Importance scores for every prunable unit, exact importance sorting, and depth selection."""

@@ -22,11 +22,13 @@ def export_hf(
     tokenizer: PreTrainedTokenizerBase | None = None,
     parent: str = "",
     overwrite: bool = False,
+    extra: dict | None = None,
 ) -> Path:
     """Writes config.json, model.safetensors, generation_config.json, the tokenizer files and
     anyshape.json to `out`, atomically (a temporary folder renamed at the end).
 
-    Returns the output folder. `parent` names the source model in the provenance record.
+    Returns the output folder. `parent` names the source model in the provenance record, and
+    `extra` adds entries to it.
     """
     shape.validate(model.config)
     state_dict = extract_state_dict(model, shape)
@@ -41,7 +43,7 @@ def export_hf(
         hf_model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_provenance(tmp, parent, model.config, shape, config.model_type)
+        write_provenance(tmp, parent, model.config, shape, config.model_type, extra)
     return Path(out)
 
 

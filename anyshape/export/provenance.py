@@ -14,10 +14,16 @@ FILENAME = "anyshape.json"
 
 
 def write_provenance(
-    folder: Path, parent: str, config: LlamaFamilyConfig, shape: Shape, model_type: str
+    folder: Path,
+    parent: str,
+    config: LlamaFamilyConfig,
+    shape: Shape,
+    model_type: str,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Writes anyshape.json; `model_type` is the exported config's (it may differ from the
-    parent's, see `export.extract.sub_config`)."""
+    parent's, see `export.extract.sub_config`); `extra` adds records such as how the
+    parent's units were sorted."""
     record: dict[str, Any] = {
         "anyshape_version": __version__,
         "parent": parent,
@@ -27,6 +33,7 @@ def write_provenance(
         "parent_shape": Shape.full(config).to_dict(),
         "num_parameters": shape.num_parameters(config),
         "num_parameters_non_embedding": shape.num_parameters(config, embeddings=False),
+        **(extra or {}),
     }
     (folder / FILENAME).write_text(json.dumps(record, indent=2) + "\n")
 

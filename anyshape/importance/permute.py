@@ -70,6 +70,17 @@ def permute_(model: ElasticLlama, permutation: Permutation) -> ElasticLlama:
     return model
 
 
-def sort_(model: ElasticLlama, scores: Scores) -> ElasticLlama:
-    """Sorts `model` in place by `scores` (checked against its config): most important first."""
-    return permute_(model, Permutation.from_scores(scores.check(model.config)))
+def sort_(model: ElasticLlama, scores: Scores) -> Scores:
+    """Sorts `model` in place by `scores` (checked against its config), most important first;
+    returns the scores in the sorted model's order."""
+    permutation = Permutation.from_scores(scores.check(model.config))
+    permute_(model, permutation)
+    heads = torch.stack([layer[groups] for layer, groups in zip(scores.heads, permutation.kv_groups)])
+    return Scores(
+        neurons=scores.neurons.gather(-1, permutation.neurons),
+        heads=heads.sort(dim=-1, descending=True, stable=True).values,
+        kv_groups=scores.kv_groups.gather(-1, permutation.kv_groups),
+        channels=scores.channels[permutation.channels],
+        layers=scores.layers,
+        info={**scores.info, "sorted": True},
+    )

@@ -135,3 +135,11 @@ def test_block_drop_ranks_a_removed_layer_as_useless(tiny_dir):
     for layer_metric in ("bi", "drop"):
         layers = score(model, CALIBRATION, layer_metric=layer_metric).layers
         assert layers.argmin() == 2 and abs(layers[2]) < 1e-5, layer_metric
+
+
+def test_sort_returns_the_scores_of_the_sorted_model(tiny_dir):
+    model = fresh(tiny_dir, "qwen2-gqa")
+    sorted_scores = sort_(model, score(model, CALIBRATION, metric="magnitude"))
+    rescored = score(model, CALIBRATION, metric="magnitude")
+    for unit, tensor in rescored.tensors().items():
+        torch.testing.assert_close(getattr(sorted_scores, unit), tensor, rtol=1e-5, atol=1e-6)

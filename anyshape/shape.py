@@ -54,7 +54,7 @@ class Shape:
     def validate(self, config: LlamaFamilyConfig) -> Shape:
         """Returns self if it is a sub-network of `config`; raises ShapeError naming the field."""
         if not self.layers:
-            raise ShapeError("layers is empty; keep at least one layer, e.g. \"layers\": [0]")
+            raise ShapeError('layers is empty; keep at least one layer, e.g. "layers": [0]')
         n = config.num_hidden_layers
         for index in self.layers:
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
@@ -62,10 +62,9 @@ class Shape:
                     f"layers: index {index!r} is out of range; the parent has {n} layers, "
                     f"so indices must be integers in 0..{n - 1}"
                 )
-        if any(a >= b for a, b in zip(self.layers, self.layers[1:])):
+        if any(a >= b for a, b in zip(self.layers[:-1], self.layers[1:], strict=True)):
             raise ShapeError(
-                f"layers {list(self.layers)} must be strictly increasing (each kept layer once, "
-                "in the parent's order)"
+                f"layers {list(self.layers)} must be strictly increasing (each kept layer once, in the parent's order)"
             )
         for name in WIDTH_FIELDS:
             value, limit = getattr(self, name), getattr(config, name)
@@ -133,16 +132,14 @@ class Shape:
         known = {f.name for f in fields(cls)} | {"num_hidden_layers"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ShapeError(
-                f"unknown shape field {unknown[0]!r}; allowed fields: {', '.join(sorted(known))}"
-            )
+            raise ShapeError(f"unknown shape field {unknown[0]!r}; allowed fields: {', '.join(sorted(known))}")
         values = {name: data.get(name, getattr(config, name)) for name in WIDTH_FIELDS}
         layers = data.get("layers")
         depth = data.get("num_hidden_layers")
         if layers is None:
             if depth is None:
                 depth = config.num_hidden_layers
-            if not isinstance(depth, int) or not 1 <= depth <= config.num_hidden_layers:
+            if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= config.num_hidden_layers:
                 raise ShapeError(
                     f"num_hidden_layers={depth!r} is out of range; it must be an integer in "
                     f"1..{config.num_hidden_layers}"
@@ -152,8 +149,7 @@ class Shape:
             raise ShapeError(f"layers must be a list of layer indices, got {layers!r}")
         elif depth is not None and depth != len(layers):
             raise ShapeError(
-                f"num_hidden_layers={depth} disagrees with the {len(layers)} entries of layers; "
-                "give one of the two"
+                f"num_hidden_layers={depth} disagrees with the {len(layers)} entries of layers; give one of the two"
             )
         return cls(layers=tuple(layers), **values).validate(config)
 
@@ -164,10 +160,11 @@ class Shape:
         if not text.lstrip().startswith(("{", "[")):
             path = Path(text)
             if not path.is_file():
-                raise ShapeError(
-                    f"shape {text!r} is neither inline JSON (starting with '{{') nor a JSON file"
-                )
-            text = path.read_text()
+                raise ShapeError(f"shape {text!r} is neither inline JSON (starting with '{{') nor a JSON file")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ShapeError(f"shape file {text!r} is not UTF-8 JSON text") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:

@@ -6,7 +6,6 @@ import json
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 
 from anyshape.errors import AnyshapeError
@@ -16,7 +15,11 @@ app = typer.Typer(
     help="Turn one pretrained Llama-family LLM into a family of smaller, standard LLMs.\n\n"
     "MODEL is a Hugging Face folder (safetensors), a .gguf file, or the embedded default "
     "'smollm2-135m'. SHAPE is inline JSON or a JSON file with Hugging Face config field names "
-    "plus 'layers' (kept layer indices); omitted widths stay the parent's.",
+    "plus 'layers' (kept layer indices); omitted widths stay the parent's.\n\n"
+    "\b\nExamples:\n"
+    "  anyshape info smollm2-135m --json\n"
+    "  anyshape extract smollm2-135m --shape '{\"num_hidden_layers\": 20}' --out out/small\n"
+    "  anyshape eval out/small --ppl --json",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -24,13 +27,15 @@ app = typer.Typer(
 )
 
 ModelArg = Annotated[
-    str, typer.Argument(help="Hugging Face folder, .gguf file, or 'smollm2-135m'.", show_default=False)
+    str,
+    typer.Argument(help="Hugging Face folder, .gguf file, or 'smollm2-135m'.", metavar="MODEL", show_default=False),
 ]
 ShapeOpt = Annotated[
     str | None,
     typer.Option(
         "--shape",
         help='Sub-network as inline JSON or a JSON file, e.g. \'{"layers": [0, 2], "hidden_size": 448}\'.',
+        metavar="SHAPE",
         show_default=False,
     ),
 ]
@@ -47,21 +52,52 @@ def emit(record: dict[str, Any], as_json: bool) -> None:
         print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, dict | list) else value}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (2 for bad input, with a one-line message)."""
-    from anyshape.cli import evaluate, extract, info  # noqa: F401  (registers the commands)
+def _base(cls: type, name: str) -> type:
+    """The class called `name` among `cls`'s bases: recent typer vendors its own click, so
+    `click.ClickException` is not the class that typer raises."""
+    return next(base for base in cls.__mro__ if base.__name__ == name)
 
+
+_CLICK_ERROR = _base(typer.BadParameter, "ClickException")  # bad arguments and options
+_EXIT = typer.Exit  # --help, and (recent typer) Ctrl-C, as Exit(130)
+_INTERRUPTED = 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _error(message: str) -> None:
+    print(f"anyshape: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _interrupted() -> int:
+    print("anyshape: interrupted; nothing partial was left behind", file=sys.stderr)
+    return _INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status: 0 on success, 2 for bad input (with a one-line
+    message on stderr that names the problem and its fix), 130 when interrupted."""
+    from anyshape.cli import evaluate, extract, importance, info, layers, rpd, sort  # noqa: F401  (registers them)
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:  # `anyshape` alone teaches, like `anyshape --help`
+        args = ["--help"]
     try:
-        app(args=argv, prog_name="anyshape", standalone_mode=False)
+        status = app(args=args, prog_name="anyshape", standalone_mode=False)
     except AnyshapeError as error:
-        print(f"anyshape: error: {error}", file=sys.stderr)
+        _error(str(error))
         return 2
-    except click.exceptions.Exit as exit_:
-        return exit_.exit_code
-    except click.ClickException as error:  # bad arguments: exit status 2
-        print(f"anyshape: error: {error.format_message()} (see anyshape --help)", file=sys.stderr)
-        return error.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("anyshape: interrupted; nothing partial was left behind", file=sys.stderr)
-        return 130
-    return 0
+    except _EXIT as exit_:
+        status = exit_.exit_code
+    except _CLICK_ERROR as error:  # a bad argument or option
+        command = getattr(getattr(error, "ctx", None), "command_path", None) or "anyshape"
+        _error(f"{error.format_message()} (see {command} --help)")
+        return 2
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C (older typer, on click, raises Abort)
+        return _interrupted()
+    # Without standalone mode an Exit (e.g. from --help) comes back as its exit code, and a
+    # command's own return value (None) as itself.
+    status = status if isinstance(status, int) and not isinstance(status, bool) else 0
+    return _interrupted() if status == _INTERRUPTED else status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +19,11 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @app.command()
 def extract(
     model: ModelArg,
-    shape: Annotated[str, typer.Option(help="Sub-network to keep: inline JSON or a JSON file.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="Output folder (written atomically).", show_default=False)],
+    shape: Annotated[
+        str,
+        typer.Option(help="Sub-network to keep: inline JSON or a JSON file.", metavar="SHAPE", show_default=False),
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (written atomically).", metavar="OUT", show_default=False)],
     dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     as_json: JsonOpt = False,
@@ -27,17 +31,18 @@ def extract(
     """Extract SHAPE of MODEL into OUT: config.json, model.safetensors, tokenizer,
     generation config and anyshape.json (provenance). It loads with AutoModelForCausalLM.
 
+    \b
     Example: anyshape extract smollm2-135m --shape '{"num_hidden_layers": 20}' --out out/small
     """
     import torch
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
-    if out.exists() and not overwrite:  # fail before the slow load
-        raise typer.BadParameter(f"{out} already exists; choose another --out or pass --overwrite", param_hint="--out")
+    check_out(out, overwrite)  # everything that can fail fast does so before the slow load
     chosen = Shape.parse(shape, load_config(model))
+    tokenizer = load_tokenizer(model)
     elastic = load(model, dtype=getattr(torch, dtype))
-    export_hf(elastic, chosen, out, tokenizer=load_tokenizer(model), parent=model, overwrite=overwrite)
+    export_hf(elastic, chosen, out, tokenizer=tokenizer, parent=model, overwrite=overwrite)
     emit(
         {
             "out": str(out),
@@ -47,3 +52,20 @@ def extract(
         },
         as_json,
     )
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Raises BadParameter unless `out` can be written: absent (or a folder, with --overwrite),
+    under a writable folder."""
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(f"{out} already exists; choose another --out or pass --overwrite", param_hint="--out")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder; choose another --out", param_hint="--out")
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise typer.BadParameter(
+            f"cannot create {out}: {ancestor} is not a writable folder; choose another --out",
+            param_hint="--out",
+        )

@@ -12,10 +12,11 @@ from anyshape.shape import Shape
 def info(model: ModelArg, shape: ShapeOpt = None, as_json: JsonOpt = False) -> None:
     """Show the architecture, parameter counts and FLOPs per token of MODEL (or of a SHAPE of it).
 
+    \b
     Example: anyshape info smollm2-135m --json
     """
     config = load_config(model)
-    chosen = Shape.parse(shape, config) if shape else Shape.full(config)
+    chosen = Shape.parse(shape, config) if shape is not None else Shape.full(config)
     path = resolve(model)
     record = {
         "model": model,

@@ -23,9 +23,7 @@ def calibration_ids(
     """(num_sequences, sequence_length) token ids: windows of the tokenized text (no special
     tokens) starting at offsets drawn uniformly with `torch.Generator().manual_seed(seed)`."""
     if num_sequences < 1 or sequence_length < 2:
-        raise DataError(
-            f"need at least 1 sequence of at least 2 tokens, got {num_sequences} x {sequence_length}"
-        )
+        raise DataError(f"need at least 1 sequence of at least 2 tokens, got {num_sequences} x {sequence_length}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if len(ids) < sequence_length:
         raise DataError(

@@ -10,7 +10,6 @@ from torch import Tensor
 from transformers import MistralConfig, PretrainedConfig
 
 from anyshape.errors import ShapeError
-
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
@@ -32,7 +31,7 @@ def extract_state_dict(model: ElasticLlama, shape: Shape) -> dict[str, Tensor]:
             prefix = ".".join(name.split(".")[:3]) + "."
             if prefix not in renumber:
                 continue
-            name = renumber[prefix] + name[len(prefix):]
+            name = renumber[prefix] + name[len(prefix) :]
         state_dict[name] = slice_parameter(name, tensor, model.config, shape).contiguous().clone()
     return state_dict
 

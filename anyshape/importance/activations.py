@@ -55,13 +55,18 @@ def record_activations(
     hooks = []
     norm_index = 0
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.neuron_outputs.register_forward_hook(
-            lambda m, args, out, i=i: keep(("neurons", i), out.abs())))
-        hooks.append(layer.self_attn.head_outputs.register_forward_hook(
-            lambda m, args, out, i=i: keep(("heads", i), out.unflatten(-1, (-1, config.head_dim)).norm(dim=-1))))
+        hooks.append(
+            layer.mlp.neuron_outputs.register_forward_hook(lambda m, args, out, i=i: keep(("neurons", i), out.abs()))
+        )
+        hooks.append(
+            layer.self_attn.head_outputs.register_forward_hook(
+                lambda m, args, out, i=i: keep(("heads", i), out.unflatten(-1, (-1, config.head_dim)).norm(dim=-1))
+            )
+        )
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            hooks.append(norm.register_forward_hook(
-                lambda m, args, out, n=norm_index: keep(("channels", n), out.abs())))
+            hooks.append(
+                norm.register_forward_hook(lambda m, args, out, n=norm_index: keep(("channels", n), out.abs()))
+            )
             norm_index += 1
 
         def layer_cosine(m, args, out, i=i):
@@ -69,8 +74,7 @@ def record_activations(
 
         hooks.append(layer.register_forward_hook(layer_cosine))
     try:
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="activations", unit="batch",
-                          disable=not progress):
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="activations", unit="batch", disable=not progress):
             model(input_ids[start : start + batch_size].to(model.inv_freq.device))
     finally:
         for hook in hooks:

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from anyshape.errors import DataError
 from anyshape.evaluate.perplexity import mean_nll
 from anyshape.model.llama import ElasticLlama
-from anyshape.shape import Shape
 
 METHODS = ("dp", "bi", "drop")
 
@@ -70,13 +69,17 @@ class SubsetEvaluator:
 
 
 @torch.no_grad()
-def block_importance(model: ElasticLlama, input_ids: Tensor, layers: tuple[int, ...], batch_size: int = 4) -> dict[int, float]:
+def block_importance(
+    model: ElasticLlama, input_ids: Tensor, layers: tuple[int, ...], batch_size: int = 4
+) -> dict[int, float]:
     """BI_i = 1 - mean cosine(input, output) of each layer i of the model keeping `layers`."""
     cosine_sum = dict.fromkeys(layers, 0.0)
     hooks = []
     for i in layers:
+
         def hook(module, args, out, i=i):
             cosine_sum[i] += F.cosine_similarity(args[0].float(), out.float(), dim=-1).sum().item()
+
         hooks.append(model.model.layers[i].register_forward_hook(hook))
     shape = replace(model.full_shape, layers=layers)
     try:
@@ -122,7 +125,9 @@ def select_layers(
     return DepthSelection(method, chosen, perplexity, len(evaluate.cache), time.perf_counter() - started)
 
 
-def _iterative_drop(model: ElasticLlama, input_ids: Tensor, depths: list[int], batch_size: int) -> dict[int, tuple[int, ...]]:
+def _iterative_drop(
+    model: ElasticLlama, input_ids: Tensor, depths: list[int], batch_size: int
+) -> dict[int, tuple[int, ...]]:
     kept = tuple(range(model.config.num_hidden_layers))
     chosen = {}
     while True:

@@ -75,7 +75,7 @@ def sort_(model: ElasticLlama, scores: Scores) -> Scores:
     returns the scores in the sorted model's order."""
     permutation = Permutation.from_scores(scores.check(model.config))
     permute_(model, permutation)
-    heads = torch.stack([layer[groups] for layer, groups in zip(scores.heads, permutation.kv_groups)])
+    heads = torch.stack([layer[groups] for layer, groups in zip(scores.heads, permutation.kv_groups, strict=True)])
     return Scores(
         neurons=scores.neurons.gather(-1, permutation.neurons),
         heads=heads.sort(dim=-1, descending=True, stable=True).values,

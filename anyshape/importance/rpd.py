@@ -45,7 +45,9 @@ class Scheme:
         scheme = cls(*parts)
         for aggregation in (scheme.agg_batch, scheme.agg_seq):
             if aggregation not in AGGREGATIONS:
-                raise DataError(f"scheme {text!r}: unknown aggregation {aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+                raise DataError(
+                    f"scheme {text!r}: unknown aggregation {aggregation!r}; choose from {', '.join(AGGREGATIONS)}"
+                )
         return scheme
 
     def __str__(self) -> str:
@@ -64,8 +66,15 @@ def random_shapes(config: LlamaFamilyConfig, count: int, seed: int = 0) -> list[
     shapes = []
     for _ in range(count):
         groups, per_group = pick(config.num_key_value_heads), pick(config.queries_per_group)
-        shapes.append(Shape(tuple(range(config.num_hidden_layers)), pick(config.hidden_size),
-                            groups * per_group, groups, pick(config.intermediate_size)).validate(config))
+        shapes.append(
+            Shape(
+                tuple(range(config.num_hidden_layers)),
+                pick(config.hidden_size),
+                groups * per_group,
+                groups,
+                pick(config.intermediate_size),
+            ).validate(config)
+        )
     return shapes
 
 
@@ -93,21 +102,33 @@ def relative_perplexity_decrease(
     """RPD of each scheme over `samples` random Shapes. Scores come from calibration_ids (N, S);
     perplexities from evaluation_ids (M, S'). `model` is restored to its original weights."""
     shapes = random_shapes(model.config, samples, seed)
-    unsorted = [math.exp(mean_nll(model, evaluation_ids, s, batch_size)) for s in
-                tqdm(shapes, desc="unsorted shapes", unit="shape", disable=not progress)]
+    unsorted = [
+        math.exp(mean_nll(model, evaluation_ids, s, batch_size))
+        for s in tqdm(shapes, desc="unsorted shapes", unit="shape", disable=not progress)
+    ]
     original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     results = []
     try:
         for scheme in schemes:
-            scores = score(model, calibration_ids, scheme.metric, scheme.agg_batch, scheme.agg_seq,
-                           batch_size=batch_size, progress=progress)
+            scores = score(
+                model,
+                calibration_ids,
+                scheme.metric,
+                scheme.agg_batch,
+                scheme.agg_seq,
+                batch_size=batch_size,
+                progress=progress,
+            )
             sort_(model, scores)
-            sorted_ppl = [math.exp(mean_nll(model, evaluation_ids, s, batch_size)) for s in
-                          tqdm(shapes, desc=f"sorted by {scheme}", unit="shape", disable=not progress)]
+            sorted_ppl = [
+                math.exp(mean_nll(model, evaluation_ids, s, batch_size))
+                for s in tqdm(shapes, desc=f"sorted by {scheme}", unit="shape", disable=not progress)
+            ]
             model.load_state_dict(original)
-            decrease = [(u - s) / u for u, s in zip(unsorted, sorted_ppl)]
-            results.append(RPDResult(str(scheme), sum(decrease) / samples,
-                                     sum(sorted_ppl) / samples, sum(unsorted) / samples))
+            decrease = [(u - s) / u for u, s in zip(unsorted, sorted_ppl, strict=True)]
+            results.append(
+                RPDResult(str(scheme), sum(decrease) / samples, sum(sorted_ppl) / samples, sum(unsorted) / samples)
+            )
     finally:
         model.load_state_dict(original)
     return results

@@ -99,7 +99,9 @@ def magnitude_scores(model: ElasticLlama) -> dict[str, Tensor]:
     return {unit: total.sqrt() for unit, total in owned_totals(model.config, squares).items()}
 
 
-def taylor_scores(model: ElasticLlama, input_ids: Tensor, batch_size: int = 4, progress: bool = False) -> dict[str, Tensor]:
+def taylor_scores(
+    model: ElasticLlama, input_ids: Tensor, batch_size: int = 4, progress: bool = False
+) -> dict[str, Tensor]:
     """|sum of w * dL/dw| over the weights each unit owns, dL/dw summed over calibration batches."""
     parameters = dict(model.named_parameters())
     gradients = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
@@ -110,7 +112,7 @@ def taylor_scores(model: ElasticLlama, input_ids: Tensor, batch_size: int = 4, p
         logits = model(batch)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
         grads = torch.autograd.grad(loss, list(parameters.values()))
-        for name, grad in zip(parameters, grads):
+        for name, grad in zip(parameters, grads, strict=True):
             gradients[name] += grad.float()
     model.train(was_training)
     products = {name: p.detach().float() * gradients[name] for name, p in parameters.items()}
@@ -169,6 +171,10 @@ def score(
         "sequence_length": int(input_ids.shape[1]),
     }
     return Scores(
-        neurons=units["neurons"], heads=units["heads"], kv_groups=units["kv_groups"],
-        channels=units["channels"], layers=layers, info=info,
+        neurons=units["neurons"],
+        heads=units["heads"],
+        kv_groups=units["kv_groups"],
+        channels=units["channels"],
+        layers=layers,
+        info=info,
     ).check(model.config)

@@ -23,10 +23,7 @@ from anyshape.shape import Shape
 
 def sliced(module: nn.Module, config: LlamaFamilyConfig, shape: Shape) -> dict[str, Tensor]:
     """The Shape's slice of every parameter of `module`, keyed by its relative name."""
-    return {
-        name: slice_parameter(name, tensor, config, shape)
-        for name, tensor in module.named_parameters()
-    }
+    return {name: slice_parameter(name, tensor, config, shape) for name, tensor in module.named_parameters()}
 
 
 class Attention(nn.Module):

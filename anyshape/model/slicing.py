@@ -60,9 +60,7 @@ def slice_parameter(name: str, tensor: Tensor, config: LlamaFamilyConfig, shape:
     return tensor
 
 
-def _take_prefix(
-    tensor: Tensor, dim: int, axis: str | None, config: LlamaFamilyConfig, shape: Shape
-) -> Tensor:
+def _take_prefix(tensor: Tensor, dim: int, axis: str | None, config: LlamaFamilyConfig, shape: Shape) -> Tensor:
     if axis is None:
         return tensor
     if axis == "hidden":

@@ -18,8 +18,13 @@ SHAPES = {  # config -> shape fields
     "width only": lambda c: {"hidden_size": 40, "intermediate_size": 50},
     "kv groups only": lambda c: {"num_key_value_heads": 1, "num_attention_heads": c.queries_per_group},
     "query heads only": lambda c: {"num_attention_heads": c.num_key_value_heads},  # one per group
-    "mixed": lambda c: {"layers": [1, 3], "hidden_size": 48, "num_key_value_heads": 1,
-                        "num_attention_heads": max(1, c.queries_per_group // 2), "intermediate_size": 33},
+    "mixed": lambda c: {
+        "layers": [1, 3],
+        "hidden_size": 48,
+        "num_key_value_heads": 1,
+        "num_attention_heads": max(1, c.queries_per_group // 2),
+        "intermediate_size": 33,
+    },
 }
 INPUT_IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
 
@@ -68,7 +73,13 @@ def test_provenance_and_files(tiny_models, tiny_dir, tmp_path):
     shape = Shape.from_dict(SHAPES["mixed"](model.config), model.config)
     export_hf(model, shape, tmp_path / "out", tokenizer=anyshape.load_tokenizer(tiny_dir("llama3-gqa")), parent="p")
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "anyshape.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "anyshape.json",
+    } <= files
     record = json.loads((tmp_path / "out" / "anyshape.json").read_text())
     assert record["parent"] == "p" and record["shape"] == shape.to_dict()
     assert record["num_parameters"] == shape.num_parameters(model.config)

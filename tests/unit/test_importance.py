@@ -60,8 +60,12 @@ def test_random_permutation_is_exact(tiny_dir):
         channels=torch.randperm(c.hidden_size, generator=g),
         neurons=torch.stack([torch.randperm(c.intermediate_size, generator=g) for _ in range(c.num_hidden_layers)]),
         kv_groups=torch.stack([torch.randperm(c.num_key_value_heads, generator=g) for _ in range(c.num_hidden_layers)]),
-        heads=torch.stack([torch.stack([torch.randperm(c.queries_per_group, generator=g)
-                                        for _ in range(c.num_key_value_heads)]) for _ in range(c.num_hidden_layers)]),
+        heads=torch.stack(
+            [
+                torch.stack([torch.randperm(c.queries_per_group, generator=g) for _ in range(c.num_key_value_heads)])
+                for _ in range(c.num_hidden_layers)
+            ]
+        ),
     )
     with torch.no_grad():
         before = model(PROBE)
@@ -86,11 +90,14 @@ def test_sorted_prefix_equals_keeping_the_top_neurons(tiny_dir):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(("metric", "agg_batch", "agg_seq"), [
-    *(("activation", b, s) for b, s in itertools.product(AGGREGATIONS, AGGREGATIONS)),
-    ("magnitude", "mean", "mean"),
-    ("taylor", "mean", "mean"),
-])
+@pytest.mark.parametrize(
+    ("metric", "agg_batch", "agg_seq"),
+    [
+        *(("activation", b, s) for b, s in itertools.product(AGGREGATIONS, AGGREGATIONS)),
+        ("magnitude", "mean", "mean"),
+        ("taylor", "mean", "mean"),
+    ],
+)
 def test_planted_dead_units_score_lowest(tiny_dir, metric, agg_batch, agg_seq):
     model = fresh(tiny_dir)
     zero_unit(model, "ffn", layer=1, index=7)

@@ -46,8 +46,10 @@ def test_bi_uses_given_layer_scores(model):
     assert selection.layers == {2: (1, 3)}
 
 
-@pytest.mark.parametrize(("changes", "message"), [({"keep": 0}, "keep=0 is out of range"),
-                                                  ({"keep": 5}, r"1\.\.4"), ({"method": "greedy"}, "unknown")])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"keep": 0}, "keep=0 is out of range"), ({"keep": 5}, r"1\.\.4"), ({"method": "greedy"}, "unknown")],
+)
 def test_bad_requests(model, changes, message):
     with pytest.raises(DataError, match=message):
         select_layers(model, CALIBRATION, **{"method": "dp", **changes})

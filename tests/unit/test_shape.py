@@ -36,6 +36,7 @@ def test_missing_fields_default_to_the_parent():
         ({"layers": "0,1"}, "layers must be a list"),
         ({"layers": [0, 1], "num_hidden_layers": 3}, "disagrees"),
         ({"num_hidden_layers": 0}, r"num_hidden_layers=0 is out of range"),
+        ({"num_hidden_layers": True}, r"num_hidden_layers=True is out of range"),
         ({"hidden_size": 65}, r"hidden_size=65 is out of range.*1\.\.64"),
         ({"hidden_size": 0}, "hidden_size=0"),
         ({"hidden_size": 32.0}, "must be an integer"),
@@ -52,6 +53,12 @@ def test_invalid_shapes_name_the_field_and_the_limit(changes, message):
         shape(**changes)
 
 
+def test_binary_shape_file_is_refused(tmp_path):
+    (tmp_path / "shape.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ShapeError, match="not UTF-8"):
+        Shape.parse(tmp_path / "shape.json", CONFIG)
+
+
 def test_parse_inline_json_and_file(tmp_path):
     inline = '{"layers": [0, 2], "hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 1}'
     path = tmp_path / "shape.json"
@@ -62,7 +69,11 @@ def test_parse_inline_json_and_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{'hidden_size': 3}", "not valid JSON"), ("no-such-file.json", "neither inline JSON"), ("[1]", "must be a JSON object")],
+    [
+        ("{'hidden_size': 3}", "not valid JSON"),
+        ("no-such-file.json", "neither inline JSON"),
+        ("[1]", "must be a JSON object"),
+    ],
 )
 def test_parse_errors(text, message):
     with pytest.raises(ShapeError, match=message):
@@ -89,9 +100,11 @@ def valid_shapes(config: LlamaFamilyConfig):
 def test_parameter_count_equals_the_transformers_model(name, data):
     """Counts the parameters of a `transformers` model built from the Shape's config."""
     config = LlamaFamilyConfig.from_hf(TINY_CONFIGS[name])
-    candidate = data.draw(valid_shapes(config).filter(
-        lambda s: config.model_type != "llama" or s.hidden_size % s.num_attention_heads == 0
-    ))
+    candidate = data.draw(
+        valid_shapes(config).filter(
+            lambda s: config.model_type != "llama" or s.hidden_size % s.num_attention_heads == 0
+        )
+    )
     widths = {key: value for key, value in candidate.to_dict().items() if key != "layers"}
     parent = TINY_CONFIGS[name]
     depth = {"num_hidden_layers": len(candidate.layers), "layer_types": None}

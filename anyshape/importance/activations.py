@@ -7,19 +7,22 @@ Per-position statistics (magnitudes, so signs do not cancel):
     layer i     cosine similarity of the layer's input and output hidden states
 
 Each statistic is reduced over the sequence with agg_S and then over the calibration
-sequences with agg_B, each one of mean, L2 norm or variance (Minitron, section 2.2).
+sequences with agg_B, each one of mean, L2 norm or variance (Minitron, section 2.2). The pass
+keeps every agg_S reduction of every sequence, so all nine (agg_B, agg_S) pairs come from it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 
 AGGREGATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
@@ -29,70 +32,75 @@ AGGREGATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
 }
 
 
+@dataclass
+class ActivationRecord:
+    """Per-sequence statistics: per_sequence[(agg_S, unit, module index)] is (N, units);
+    `bi` (L,) is Block Importance, 1 - mean cosine(layer input, layer output) over all tokens."""
+
+    config: LlamaFamilyConfig
+    per_sequence: dict[tuple[str, str, int], Tensor]
+    num_norms: int
+    bi: Tensor
+
+    def scores(self, agg_batch: str = "mean", agg_seq: str = "mean") -> dict[str, Tensor]:
+        """neurons (L, F), heads (L, G, q), kv_groups (L, G) (sum of their heads), channels (H,)
+        (summed over every norm), and bi (L,)."""
+        reduce_batch = AGGREGATIONS[agg_batch]
+
+        def aggregated(unit: str, index: int) -> Tensor:
+            return reduce_batch(self.per_sequence[(agg_seq, unit, index)], 0)
+
+        c = self.config
+        L = c.num_hidden_layers
+        heads = torch.stack([aggregated("heads", i) for i in range(L)]).view(
+            L, c.num_key_value_heads, c.queries_per_group
+        )
+        return {
+            "neurons": torch.stack([aggregated("neurons", i) for i in range(L)]),
+            "heads": heads,
+            "kv_groups": heads.sum(-1),
+            "channels": torch.stack([aggregated("channels", n) for n in range(self.num_norms)]).sum(0),
+            "bi": self.bi,
+        }
+
+
 @torch.no_grad()
 def record_activations(
-    model: ElasticLlama,
-    input_ids: Tensor,
-    agg_batch: str = "mean",
-    agg_seq: str = "mean",
-    batch_size: int = 4,
-    progress: bool = False,
-) -> dict[str, Tensor]:
-    """Runs the full model on input_ids (N, S) and returns activation scores:
-    neurons (L, F), heads (L, G, q), kv_groups (L, G) (sum of their heads), channels (H,), and
-    block importance `bi` (L,) = 1 - mean cosine(layer input, layer output) over all tokens."""
-    for name in (agg_batch, agg_seq):
-        if name not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {name!r}; choose one of {', '.join(AGGREGATIONS)}")
-    reduce_seq = AGGREGATIONS[agg_seq]
+    model: ElasticLlama, input_ids: Tensor, batch_size: int = 4, progress: bool = False
+) -> ActivationRecord:
+    """Runs the full model on calibration input_ids (N, S) and records every statistic."""
     config = model.config
-    per_sequence: dict[tuple[str, int], list[Tensor]] = defaultdict(list)  # (unit, module) -> [(B, n)]
+    chunks: dict[tuple[str, str, int], list[Tensor]] = defaultdict(list)
     cosine_sum = torch.zeros(config.num_hidden_layers, dtype=torch.float64)
 
-    def keep(key: tuple[str, int], statistic: Tensor) -> None:  # statistic (B, S, n)
-        per_sequence[key].append(reduce_seq(statistic.float(), 1).cpu())
+    def keep(unit: str, index: int, statistic: Tensor) -> None:  # statistic (B, S, units)
+        statistic = statistic.float()
+        for agg_seq, reduce in AGGREGATIONS.items():
+            chunks[(agg_seq, unit, index)].append(reduce(statistic, 1).cpu())
+
+    def head_norms(out: Tensor) -> Tensor:  # (B, S, Q d) -> (B, S, Q)
+        return out.unflatten(-1, (-1, config.head_dim)).norm(dim=-1)
 
     hooks = []
-    norm_index = 0
+    num_norms = 0
     for i, layer in enumerate(model.model.layers):
-        hooks.append(
-            layer.mlp.neuron_outputs.register_forward_hook(lambda m, args, out, i=i: keep(("neurons", i), out.abs()))
-        )
-        hooks.append(
-            layer.self_attn.head_outputs.register_forward_hook(
-                lambda m, args, out, i=i: keep(("heads", i), out.unflatten(-1, (-1, config.head_dim)).norm(dim=-1))
-            )
-        )
+        mlp, attention = layer.mlp.neuron_outputs, layer.self_attn.head_outputs
+        hooks.append(mlp.register_forward_hook(lambda m, a, out, i=i: keep("neurons", i, out.abs())))
+        hooks.append(attention.register_forward_hook(lambda m, a, out, i=i: keep("heads", i, head_norms(out))))
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            hooks.append(
-                norm.register_forward_hook(lambda m, args, out, n=norm_index: keep(("channels", n), out.abs()))
-            )
-            norm_index += 1
+            hooks.append(norm.register_forward_hook(lambda m, a, out, n=num_norms: keep("channels", n, out.abs())))
+            num_norms += 1
 
-        def layer_cosine(m, args, out, i=i):
+        def layer_cosine(module, args, out, i=i):
             cosine_sum[i] += F.cosine_similarity(args[0].float(), out.float(), dim=-1).sum().item()
 
         hooks.append(layer.register_forward_hook(layer_cosine))
     try:
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="activations", unit="batch", disable=not progress):
+        batches = range(0, len(input_ids), batch_size)
+        for start in tqdm(batches, desc="activations", unit="batch", disable=not progress):
             model(input_ids[start : start + batch_size].to(model.inv_freq.device))
     finally:
         for hook in hooks:
             hook.remove()
-
-    reduce_batch = AGGREGATIONS[agg_batch]
-
-    def aggregated(key: tuple[str, int]) -> Tensor:
-        return reduce_batch(torch.cat(per_sequence[key]), 0)
-
-    L = config.num_hidden_layers
-    heads = torch.stack([aggregated(("heads", i)) for i in range(L)]).view(
-        L, config.num_key_value_heads, config.queries_per_group
-    )
-    return {
-        "neurons": torch.stack([aggregated(("neurons", i)) for i in range(L)]),
-        "heads": heads,
-        "kv_groups": heads.sum(-1),
-        "channels": torch.stack([aggregated(("channels", n)) for n in range(norm_index)]).sum(0),
-        "bi": (1 - cosine_sum / input_ids.numel()).float(),
-    }
+    per_sequence = {key: torch.cat(parts) for key, parts in chunks.items()}
+    return ActivationRecord(config, per_sequence, num_norms, (1 - cosine_sum / input_ids.numel()).float())

@@ -152,16 +152,16 @@ def score(
             raise DataError(f"unknown {option} {value!r}; choose one of {', '.join(allowed)}")
     if model.config.num_hidden_layers < 2 and layer_metric == "drop":
         raise DataError("block drop needs at least 2 layers")
-    recorded = {}
+    record = None
     if metric == "activation" or layer_metric == "bi":
-        recorded = record_activations(model, input_ids, agg_batch, agg_seq, batch_size, progress)
+        record = record_activations(model, input_ids, batch_size, progress)
     if metric == "activation":
-        units = recorded
+        units = record.scores(agg_batch, agg_seq)
     elif metric == "magnitude":
         units = magnitude_scores(model)
     else:
         units = taylor_scores(model, input_ids, batch_size, progress)
-    layers = recorded["bi"] if layer_metric == "bi" else block_drop(model, input_ids, batch_size, progress)
+    layers = record.bi if layer_metric == "bi" else block_drop(model, input_ids, batch_size, progress)
     info = {
         "metric": metric,
         "agg_batch": agg_batch if metric == "activation" else None,

@@ -37,6 +37,13 @@ def read_text(path: str | Path) -> str:
     return raw
 
 
+def wikitext_text(path: str | Path) -> str:
+    """A WikiText `.raw` split read the Hugging Face way: its lines (blank ones emptied) joined
+    by blank lines, as `"\n\n".join(load_dataset("wikitext", ...)["text"])` gives."""
+    lines = read_text(path).splitlines(keepends=True)
+    return "\n\n".join(line if line.strip() else "" for line in lines)
+
+
 def load_text(path: str | Path | None) -> str:
     """`path`'s text, or the embedded default when `path` is None."""
     return default_text() if path is None else read_text(path)

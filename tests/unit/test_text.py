@@ -33,3 +33,10 @@ def test_bad_files_say_what_is_wrong(tmp_path, name, content, message):
         (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
         read_text(tmp_path / name)
+
+
+def test_wikitext_is_read_the_hugging_face_way(tmp_path):
+    (tmp_path / "wiki.test.raw").write_text(" \n = Title = \n \n Body text . \n")
+    from anyshape.data.text import wikitext_text
+
+    assert wikitext_text(tmp_path / "wiki.test.raw") == "\n\n = Title = \n\n\n\n Body text . \n"

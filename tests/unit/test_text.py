@@ -39,4 +39,4 @@ def test_wikitext_is_read_the_hugging_face_way(tmp_path):
     (tmp_path / "wiki.test.raw").write_text(" \n = Title = \n \n Body text . \n")
     from anyshape.data.text import wikitext_text
 
-    assert wikitext_text(tmp_path / "wiki.test.raw") == "\n\n = Title = \n\n\n\n Body text . \n"
+    assert wikitext_text(tmp_path / "wiki.test.raw") == "\n\n = Title = \n\n\n\n\n Body text . \n"

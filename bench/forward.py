@@ -68,7 +68,7 @@ class Timing:
         return (q3 - q1) / self.median(name)
 
     def paired_ratios(self, name: str, reference: str) -> list[float]:
-        return [a / b for a, b in zip(self.times[name], self.times[reference])]
+        return [a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
 
     def ratio(self, name: str, reference: str) -> float:
         """Median over rounds of time(name) / time(reference) in the same round."""
@@ -148,9 +148,7 @@ def check_same_function(model, hf) -> float:
 def head_options(config) -> list[tuple[int, int]]:
     """Valid (num_key_value_heads, num_attention_heads) pairs: Q' = G' q', q' <= q."""
     return [
-        (g, g * q)
-        for g in range(1, config.num_key_value_heads + 1)
-        for q in range(1, config.queries_per_group + 1)
+        (g, g * q) for g in range(1, config.num_key_value_heads + 1) for q in range(1, config.queries_per_group + 1)
     ]
 
 
@@ -219,7 +217,9 @@ def bench_parity(model, hf, batches, tokens, plan) -> list[dict]:
         print(f"\nparity: batch {batch} x {tokens} tokens, {warmup} warm-up + {repeats} rounds", flush=True)
         timing = interleaved(
             {"anyshape": forward_fn(model, ids), "transformers": forward_fn(hf, ids)},
-            repeats, warmup, f"B{batch}",
+            repeats,
+            warmup,
+            f"B{batch}",
         )
         ratio = timing.ratio("anyshape", "transformers")
         row = {
@@ -259,7 +259,8 @@ def bench_scaling(model, batches, tokens, plan) -> list[dict]:
     print("\nscaling: Shapes (first n layers, widths scaled alike)")
     for label, shape in shapes.items():
         print(
-            f"  {label:>4}: {describe(shape):28s} params {shape.num_parameters(config, embeddings=False) / full_params:.3f}"
+            f"  {label:>4}: {describe(shape):28s} "
+            f"params {shape.num_parameters(config, embeddings=False) / full_params:.3f}"
             f"  FLOPs {shape.flops_per_token(config, context=context) / full_flops:.3f}  {shape.to_json()}"
         )
     rows = []
@@ -269,7 +270,9 @@ def bench_scaling(model, batches, tokens, plan) -> list[dict]:
         print(f"\nscaling: batch {batch} x {tokens} tokens, {warmup} warm-up + {repeats} rounds", flush=True)
         timing = interleaved(
             {label: forward_fn(model, ids, shape=shape) for label, shape in shapes.items()},
-            repeats, warmup, f"B{batch}",
+            repeats,
+            warmup,
+            f"B{batch}",
         )
         for label, shape in shapes.items():
             if label == "100%":
@@ -395,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "scaling"):
         scaling = bench_scaling(model, batches, args.tokens, plan)
 
-    print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"total {time.perf_counter() - started:.0f}s\n")
+    print(
+        f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"total {time.perf_counter() - started:.0f}s\n"
+    )
     print(markdown(parity, scaling))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

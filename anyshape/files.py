@@ -29,13 +29,19 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the finished folder private
     try:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
+        publish_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_directory(finished: Path, out: Path) -> None:
+    """Renames the complete folder `finished` to `out`; an existing `out` is replaced only at
+    this last step (moved aside, then deleted), so `out` is always a complete folder or absent."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(finished, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(finished, out)

@@ -79,7 +79,17 @@ def _interrupted() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status: 0 on success, 2 for bad input (with a one-line
     message on stderr that names the problem and its fix), 130 when interrupted."""
-    from anyshape.cli import evaluate, extract, importance, info, layers, rpd, sort  # noqa: F401  (registers them)
+    from anyshape.cli import (  # noqa: F401  (registers them)
+        compress,
+        evaluate,
+        extract,
+        importance,
+        info,
+        layers,
+        rpd,
+        search,
+        sort,
+    )
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:  # `anyshape` alone teaches, like `anyshape --help`

@@ -22,9 +22,15 @@ def calibration_ids(
 ) -> Tensor:
     """(num_sequences, sequence_length) token ids: windows of the tokenized text (no special
     tokens) starting at offsets drawn uniformly with `torch.Generator().manual_seed(seed)`."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return random_windows(ids, num_sequences, sequence_length, seed)
+
+
+def random_windows(ids: Tensor, num_sequences: int, sequence_length: int, seed: int = SEED) -> Tensor:
+    """(num_sequences, sequence_length) windows of token ids (N,) at offsets drawn uniformly
+    with `torch.Generator().manual_seed(seed)`."""
     if num_sequences < 1 or sequence_length < 2:
         raise DataError(f"need at least 1 sequence of at least 2 tokens, got {num_sequences} x {sequence_length}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if len(ids) < sequence_length:
         raise DataError(
             f"the calibration text has {len(ids)} tokens, fewer than one sequence of {sequence_length}; "

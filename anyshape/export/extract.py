@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor
 from transformers import MistralConfig, PretrainedConfig
 
 from anyshape.errors import ShapeError
+from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
@@ -34,6 +36,24 @@ def extract_state_dict(model: ElasticLlama, shape: Shape) -> dict[str, Tensor]:
             name = renumber[prefix] + name[len(prefix) :]
         state_dict[name] = slice_parameter(name, tensor, model.config, shape).contiguous().clone()
     return state_dict
+
+
+def extract_model(model: ElasticLlama, shape: Shape) -> ElasticLlama:
+    """The Shape's sub-network as its own ElasticLlama, with weights independent of the parent.
+
+    Its full Shape computes what the parent computes at `shape`, and exporting it at its full
+    Shape writes the same checkpoint as exporting the parent at `shape`.
+    """
+    config = LlamaFamilyConfig.from_hf(sub_config(model, shape))
+    state_dict = extract_state_dict(model, shape)
+    if config.tie_word_embeddings:
+        state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        child = ElasticLlama(config)
+    child.load_state_dict(state_dict, assign=True)
+    if config.tie_word_embeddings:
+        child.lm_head.weight = child.model.embed_tokens.weight
+    return child.to(model.inv_freq.device).train(model.training)
 
 
 def sub_config(model: ElasticLlama, shape: Shape) -> PretrainedConfig:

@@ -11,6 +11,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from anyshape.export.extract import extract_state_dict, sub_config
 from anyshape.export.provenance import write_provenance
 from anyshape.files import atomic_directory
+from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
 
@@ -23,12 +24,15 @@ def export_hf(
     parent: str = "",
     overwrite: bool = False,
     extra: dict | None = None,
+    lineage: tuple[LlamaFamilyConfig, Shape] | None = None,
 ) -> Path:
     """Writes config.json, model.safetensors, generation_config.json, the tokenizer files and
     anyshape.json to `out`, atomically (a temporary folder renamed at the end).
 
     Returns the output folder. `parent` names the source model in the provenance record, and
-    `extra` adds entries to it.
+    `extra` adds entries to it. When `model` is itself a sub-network cut from a parent (e.g. a
+    compensated child), `lineage` gives that parent's config and the Shape it was cut at, so
+    the record names those rather than `model`'s own geometry.
     """
     shape.validate(model.config)
     state_dict = extract_state_dict(model, shape)
@@ -43,7 +47,8 @@ def export_hf(
         hf_model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_provenance(tmp, parent, model.config, shape, config.model_type, extra)
+        parent_config, parent_shape = lineage or (model.config, shape)
+        write_provenance(tmp, parent, parent_config, parent_shape, config.model_type, extra)
     return Path(out)
 
 

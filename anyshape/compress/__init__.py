@@ -1,0 +1,1 @@
+"""Compression beyond slicing: closed-form corrections of a sliced Shape's weights."""

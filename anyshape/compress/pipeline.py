@@ -1,0 +1,425 @@
+"""`compress`: one model in, a family of smaller standard models out.
+
+Stages, each resumable (`compress.stages`):
+    scores     activation importance of every unit on calibration windows
+    layers     a ranking of the layers (block importance from the scores, or `drop` / `dp`)
+    search-B   for each budget B, a search of the Shapes of the sorted model within
+               [(1 - band) B, B] parameters, minimising proxy perplexity; the best is chosen
+    member-B   the chosen Shape, compensated when that helps (on held-out windows), exported
+    eval-B     perplexity of the exported member and of the plain slice on the evaluation split,
+               with the single-axis heuristics at the same budget, and measured latency
+    report     report.md, pareto.png and summary.json
+
+The text is split by tokens: the first `eval_tokens` are the evaluation split; the rest is cut
+in two halves, the first for scores and compensation, the second for the search proxy and the
+check of compensation. The family is built in `.<name>.partial/` beside OUT and renamed to OUT
+when complete, so OUT never holds a half-written family.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from anyshape import __version__
+from anyshape.compress.baselines import single_axis_shapes
+from anyshape.compress.compensate import RIDGE, compensate
+from anyshape.compress.report import write_report
+from anyshape.compress.stages import StageCache, input_hash, model_identity, write_json
+from anyshape.data.calibration import random_windows
+from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
+from anyshape.errors import AnyshapeError, DataError, ShapeError
+from anyshape.evaluate.perplexity import mean_nll, perplexity
+from anyshape.export.extract import extract_model
+from anyshape.export.hf import export_hf
+from anyshape.files import publish_directory
+from anyshape.importance.layers import select_layers
+from anyshape.importance.permute import sort_
+from anyshape.importance.scores import Scores, score
+from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.llama import ElasticLlama
+from anyshape.model.load import load, load_config, load_tokenizer
+from anyshape.search.algorithms import SearchResult, search
+from anyshape.search.objectives import LatencyTable, Quality, cost_functions
+from anyshape.search.pareto import non_dominated, plot_front
+from anyshape.search.space import DEFAULT_FRACTIONS, SearchSpace
+from anyshape.shape import Shape
+
+BASES = ("total", "non-embedding")
+COMPENSATION_MODES = ("auto", "on", "off")
+DEPTH_METHODS = ("bi", "drop", "dp")
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """Everything a compress run depends on besides the model (all recorded in summary.json)."""
+
+    budgets: tuple[float, ...] = (0.25, 0.5, 0.75)  # fractions of the parent's parameters
+    budget_basis: str = "total"  # or "non-embedding"
+    data: str | None = None  # text file; None: the embedded default text
+    num_sequences: int = 32  # calibration windows for scores and compensation
+    sequence_length: int = 512
+    search_sequences: int = 8  # proxy windows for the search's perplexity
+    search_length: int = 256
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    depth_method: str = "bi"
+    algorithm: str = "nsga2"
+    trials: int = 40  # Shapes evaluated per budget
+    band: float = 0.1  # search Shapes within [(1 - band) B, B]
+    compensate: str = "auto"
+    ridge: float = RIDGE
+    eval_tokens: int = 8192
+    seed: int = 0
+    dtype: str = "float32"  # of the exported weights
+
+    def check(self) -> CompressSettings:
+        """Returns self, or raises an AnyshapeError naming the bad setting and its allowed values."""
+        for name, value, allowed in (
+            ("budget basis", self.budget_basis, BASES),
+            ("compensate", self.compensate, COMPENSATION_MODES),
+            ("depth method", self.depth_method, DEPTH_METHODS),
+            ("dtype", self.dtype, ("float32", "bfloat16", "float16")),
+        ):
+            if value not in allowed:
+                raise AnyshapeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not self.budgets or not all(0 < b <= 1 for b in self.budgets):
+            raise ShapeError(f"budgets {list(self.budgets)} must each be a fraction in (0, 1], e.g. 0.25,0.5,0.75")
+        if not 0 <= self.band < 1:
+            raise AnyshapeError(f"band={self.band} must be in [0, 1)")
+        return self
+
+
+@dataclass
+class Context:
+    """What the stages share: the loaded parts and the token splits."""
+
+    model_ref: str
+    settings: CompressSettings
+    config: LlamaFamilyConfig
+    stages: StageCache
+    log: Callable[[str], None]
+    identity: dict[str, Any]
+    fit_ids: Tensor = field(init=False)  # (N, S) calibration windows for scores and compensation
+    check_ids: Tensor = field(init=False)  # (M, S') held-out windows: search proxy, compensation check
+    eval_ids: Tensor = field(init=False)  # (T,) the evaluation split
+    model: ElasticLlama | None = None  # loaded on first use, then sorted
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def parent_params(self) -> int:
+        return Shape.full(self.config).num_parameters(self.config, self.embeddings)
+
+    @property
+    def embeddings(self) -> bool:
+        return self.settings.budget_basis == "total"
+
+
+def compress(
+    model_ref: str,
+    out: str | Path,
+    settings: CompressSettings = CompressSettings(),  # noqa: B008  (frozen, so never mutated)
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Runs (or resumes) every stage and writes the family to `out`; returns the summary."""
+    settings.check()
+    out = Path(out)
+    config = load_config(model_ref)
+    check_budgets(config, settings)
+    identity = model_identity(model_ref)
+    run_key = input_hash(model=identity, settings=asdict(settings), version=__version__)
+    if out.exists():
+        summary_path = out / SUMMARY
+        if summary_path.is_file() and StageCache(out / "stages").done("run", run_key):
+            log(f"{out} is up to date with these settings; nothing to do")
+            return StageCache(out / "stages").read("run")
+        if not overwrite:
+            raise AnyshapeError(
+                f"{out} already exists and was made with other settings; choose another --out, or pass "
+                "--overwrite to redo what changed (finished stages with the same inputs are reused)"
+            )
+    work = out.parent / f".{out.name}.partial"
+    if out.exists() and not work.exists():  # reuse the old family's finished stages
+        shutil.copytree(out, work, copy_function=os.link)
+    context = Context(model_ref, settings, config, StageCache(work / "stages"), log, identity)
+    split_tokens(context)
+
+    scores, scores_key = run_scores(context)
+    ranking, layers_key = run_layers(context, scores, scores_key)
+    members = []
+    for budget in settings.budgets:
+        trials, search_key = run_search(context, budget, ranking, layers_key)
+        member, member_key = run_member(context, work, budget, trials, search_key)
+        members.append(run_eval(context, work, budget, member, member_key, ranking))
+    dense = run_dense(context)
+    summary = {
+        "anyshape_version": __version__,
+        "model": model_ref,
+        "parent": {"shape": Shape.full(config).to_dict(), **dense},
+        "settings": asdict(settings),
+        "data": settings.data or DEFAULT_TEXT_NAME,
+        "members": members,
+        "stages": context.timings,
+    }
+    started = time.perf_counter()
+    write_pareto_plot(context, work / "pareto.png")
+    write_report(summary, work / "report.md")
+    write_json(work / SUMMARY, summary)
+    context.timings["report"] = {"seconds": round(time.perf_counter() - started, 1), "reused": False}
+    context.stages.save("run", run_key, summary)
+    publish_directory(work, out)
+    log(f"family written to {out}: {', '.join(m['folder'] for m in members)}, report.md, pareto.png, {SUMMARY}")
+    return StageCache(out / "stages").read("run")
+
+
+def check_budgets(config: LlamaFamilyConfig, settings: CompressSettings) -> None:
+    """Raises ShapeError if a budget is below the smallest Shape of the search space."""
+    embeddings = settings.budget_basis == "total"
+    smallest = SearchSpace.from_fractions(config, settings.fractions).smallest()
+    reachable = smallest.num_parameters(config, embeddings) / Shape.full(config).num_parameters(config, embeddings)
+    low = min(settings.budgets)
+    if low < reachable:
+        raise ShapeError(
+            f"budget {low:g} is below the smallest Shape of the search space, "
+            f"{reachable:.4f} of the parent's {settings.budget_basis} parameters; the smallest reachable "
+            f"budget is {math.ceil(reachable * 1000) / 1000:g} (or add smaller --fractions)"
+        )
+
+
+def split_tokens(context: Context) -> None:
+    """Tokenizes the text once and cuts it into the evaluation, fit and check splits."""
+    s = context.settings
+    text = load_text(s.data)
+    ids = torch.tensor(load_tokenizer(context.model_ref)(text, add_special_tokens=False)["input_ids"])
+    needed = s.eval_tokens + 2 * max(s.sequence_length, s.search_length)
+    if len(ids) < needed:
+        raise DataError(
+            f"the text has {len(ids)} tokens; compress needs at least {needed} (--eval-tokens {s.eval_tokens} "
+            f"plus two calibration halves of {max(s.sequence_length, s.search_length)}); give more text or "
+            "lower --eval-tokens / --sequence-length"
+        )
+    middle = s.eval_tokens + (len(ids) - s.eval_tokens) // 2
+    context.eval_ids = ids[: s.eval_tokens]
+    context.fit_ids = random_windows(ids[s.eval_tokens : middle], s.num_sequences, s.sequence_length, s.seed)
+    context.check_ids = random_windows(ids[middle:], s.search_sequences, s.search_length, s.seed + 1)
+
+
+def model(context: Context) -> ElasticLlama:
+    """The parent model, loaded once."""
+    if context.model is None:
+        context.log(f"loading {context.model_ref}")
+        context.model = load(context.model_ref)
+    return context.model
+
+
+def _timed(context: Context, stage: str, reused: bool, started: float) -> None:
+    context.timings[stage] = {"seconds": round(time.perf_counter() - started, 1), "reused": reused}
+    context.log(f"[{stage}] {'reused' if reused else 'done'} ({context.timings[stage]['seconds']}s)")
+
+
+def run_scores(context: Context) -> tuple[Scores, str]:
+    """Activation importance scores (mean/mean aggregation, block importance for layers)."""
+    s, started = context.settings, time.perf_counter()
+    key = input_hash(
+        model=context.identity, data=s.data, n=s.num_sequences, length=s.sequence_length, seed=s.seed,
+        eval_tokens=s.eval_tokens,
+    )  # fmt: skip
+    path = context.stages.path("scores", ".safetensors")
+    reused = context.stages.done("scores", key)
+    if not reused:
+        context.log(f"[scores] activation importance on {s.num_sequences} x {s.sequence_length} tokens")
+        scores = score(model(context), context.fit_ids, progress=True)
+        scores.save(path)
+        context.stages.finish("scores", key)
+    scores = Scores.load(path, context.config)
+    sorted_scores = sort_(model(context), scores)  # exact: every width below is a prefix of the best units
+    _timed(context, "scores", reused, started)
+    return sorted_scores, key
+
+
+def run_layers(context: Context, scores: Scores, scores_key: str) -> tuple[list[int], str]:
+    """The layers, most important first: by block importance (bi), or by iterative drop / DP
+    over the depths of the search grid (the deepest kept sets first)."""
+    s, started = context.settings, time.perf_counter()
+    key = input_hash(scores=scores_key, method=s.depth_method, fractions=s.fractions)
+    reused = context.stages.done("layers", key)
+    if not reused:
+        if s.depth_method == "bi":
+            ranking = scores.layers.argsort(descending=True, stable=True).tolist()
+            record = {"method": "bi", "ranking": ranking}
+        else:
+            context.log(f"[layers] depth selection by {s.depth_method}")
+            selection = select_layers(model(context), context.check_ids, s.depth_method, progress=True)
+            ranking = ranking_from_nested(selection.layers, context.config.num_hidden_layers)
+            record = {"method": s.depth_method, "ranking": ranking, **selection.to_dict()}
+        context.stages.save("layers", key, record)
+    ranking = context.stages.read("layers")["ranking"]
+    _timed(context, "layers", reused, started)
+    return ranking, key
+
+
+def ranking_from_nested(layers: dict[int, tuple[int, ...]], num_layers: int) -> list[int]:
+    """A ranking (most important first) from kept sets per depth: a layer ranks by the smallest
+    depth whose set keeps it (DP sets need not be nested; each depth's set still comes first)."""
+    first_kept = {
+        i: min((k for k, kept in layers.items() if i in kept), default=num_layers + 1) for i in range(num_layers)
+    }
+    return sorted(range(num_layers), key=lambda i: (first_kept[i], i))
+
+
+def run_search(context: Context, budget: float, ranking: list[int], layers_key: str) -> tuple[SearchResult, str]:
+    """The search within [(1 - band) B, B] of the parent's parameters."""
+    s, started = context.settings, time.perf_counter()
+    stage = f"search-{budget:g}"
+    key = input_hash(
+        layers=layers_key, budget=budget, basis=s.budget_basis, band=s.band, algorithm=s.algorithm,
+        trials=s.trials, seed=s.seed, search=(s.search_sequences, s.search_length),
+    )  # fmt: skip
+    reused = context.stages.done(stage, key)
+    if not reused:
+        space = SearchSpace.from_fractions(context.config, s.fractions, ranking)
+        cost = "params" if context.embeddings else "params_non_embedding"
+        high = budget * context.parent_params()
+        bounds = {cost: ((1 - s.band) * high, high)}
+        context.log(f"[{stage}] {s.algorithm}, {s.trials} Shapes within {bounds[cost][0]:,.0f}..{high:,.0f} {cost}")
+        elastic = model(context)
+        result = search(
+            space, Quality(elastic, context.check_ids), cost_functions(elastic), (cost, "flops"), s.algorithm,
+            s.trials, s.seed, bounds, progress=True,
+        )  # fmt: skip
+        if not result.trials:  # nothing in the band: search everything under the budget
+            bounds = {cost: (None, high)}
+            result = search(
+                space, Quality(elastic, context.check_ids), cost_functions(elastic), (cost, "flops"), s.algorithm,
+                s.trials, s.seed, bounds, progress=True,
+            )  # fmt: skip
+        result.save(context.stages.path(stage))
+        context.stages.finish(stage, key)
+    result = SearchResult.load(context.stages.path(stage), context.config)
+    _timed(context, stage, reused, started)
+    return result, key
+
+
+def run_member(
+    context: Context, work: Path, budget: float, result: SearchResult, search_key: str
+) -> tuple[dict[str, Any], str]:
+    """Exports the search's best Shape, compensated when the settings (and, in `auto`, the
+    held-out check) say so."""
+    s, started = context.settings, time.perf_counter()
+    stage = f"member-{budget:g}"
+    shape = result.best().shape
+    key = input_hash(search=search_key, compensate=s.compensate, ridge=s.ridge, dtype=s.dtype)
+    folder = work / f"{budget:g}"
+    reused = context.stages.done(stage, key) and folder.is_dir()
+    if not reused:
+        elastic = model(context)
+        record: dict[str, Any] = {"shape": shape.to_dict(), "folder": folder.name, "compensated": False}
+        child = extract_model(elastic, shape)
+        if s.compensate != "off":
+            context.log(f"[{stage}] compensating {shape.num_hidden_layers} layers")
+            compensated = compensate(elastic, shape, context.fit_ids, ridge=s.ridge, progress=True)
+            check = {"plain": math.exp(mean_nll(child, context.check_ids))}
+            check["compensated"] = math.exp(mean_nll(compensated, context.check_ids))
+            record["check_ppl"] = check
+            if s.compensate == "on" or check["compensated"] < check["plain"]:
+                child, record["compensated"] = compensated, True
+        export_hf(
+            child.to(getattr(torch, s.dtype)), child.full_shape, folder, load_tokenizer(context.model_ref),
+            context.model_ref, overwrite=True, lineage=(context.config, shape),
+            extra={"budget": budget, "budget_basis": s.budget_basis, "compensated": record["compensated"]},
+        )  # fmt: skip
+        context.stages.save(stage, key, record)
+    _timed(context, stage, reused, started)
+    return context.stages.read(stage), key
+
+
+def run_eval(
+    context: Context, work: Path, budget: float, member: dict[str, Any], member_key: str, ranking: list[int]
+) -> dict[str, Any]:
+    """Perplexity on the evaluation split of the exported member (as users load it), of the
+    plain slice, and of the single-axis heuristics at the same budget; measured latency."""
+    s, started = context.settings, time.perf_counter()
+    stage = f"eval-{budget:g}"
+    key = input_hash(member=member_key, ranking=ranking)
+    reused = context.stages.done(stage, key)
+    if not reused:
+        elastic, config = model(context), context.config
+        shape = Shape.from_dict(member["shape"], config)
+        context.log(f"[{stage}] perplexity on {s.eval_tokens} held-out tokens")
+        exported = load(work / member["folder"])
+        record = {
+            "budget": budget,
+            **member,
+            "num_parameters": shape.num_parameters(config),
+            "num_parameters_non_embedding": shape.num_parameters(config, embeddings=False),
+            "fraction": shape.num_parameters(config, context.embeddings) / context.parent_params(),
+            "exported_parameters": sum(p.numel() for p in exported.parameters()),
+            "flops_per_token": shape.flops_per_token(config),
+            "latency": latency_table(context).measure(elastic, shape),
+            "ppl": _ppl(exported, context.eval_ids),
+            "ppl_plain": _ppl(elastic, context.eval_ids, shape),
+        }
+        baselines = single_axis_shapes(config, budget * context.parent_params(), context.embeddings, ranking)
+        record["baselines"] = {
+            name: None
+            if heuristic is None
+            else {
+                "shape": heuristic.to_dict(),
+                "num_parameters": heuristic.num_parameters(config, context.embeddings),
+                "ppl": _ppl(elastic, context.eval_ids, heuristic),
+            }
+            for name, heuristic in baselines.items()
+        }
+        context.stages.save(stage, key, record)
+    _timed(context, stage, reused, started)
+    return context.stages.read(stage)
+
+
+def run_dense(context: Context) -> dict[str, Any]:
+    """The parent's perplexity on the evaluation split and its measured latency."""
+    s, started = context.settings, time.perf_counter()
+    key = input_hash(model=context.identity, data=s.data, eval_tokens=s.eval_tokens)
+    reused = context.stages.done("eval-parent", key)
+    if not reused:
+        elastic = model(context)
+        context.stages.save(
+            "eval-parent",
+            key,
+            {
+                "num_parameters": elastic.full_shape.num_parameters(context.config),
+                "num_parameters_non_embedding": elastic.full_shape.num_parameters(context.config, embeddings=False),
+                "flops_per_token": elastic.full_shape.flops_per_token(context.config),
+                "latency": latency_table(context).measure(elastic, elastic.full_shape),
+                "ppl": _ppl(elastic, context.eval_ids),
+            },
+        )
+    _timed(context, "eval-parent", reused, started)
+    return context.stages.read("eval-parent")
+
+
+def latency_table(context: Context) -> LatencyTable:
+    return LatencyTable(context.stages.path("latency"), input_hash(model=context.identity))
+
+
+def _ppl(model: ElasticLlama, token_ids: Tensor, shape: Shape | None = None) -> float:
+    return perplexity(model, token_ids, shape, progress=True).perplexity
+
+
+def write_pareto_plot(context: Context, path: Path) -> None:
+    """Proxy perplexity vs parameters and vs FLOPs of every Shape the searches evaluated."""
+    rows = []
+    for budget in context.settings.budgets:
+        result = SearchResult.load(context.stages.path(f"search-{budget:g}"), context.config)
+        rows += [trial.to_dict(result.quality) for trial in result.trials]
+    cost = "params" if context.embeddings else "params_non_embedding"
+    front = [rows[i] for i in non_dominated([(row[cost], row["ppl"]) for row in rows])]
+    plot_front(rows, front, [cost, "flops"], "ppl", path)

@@ -1,0 +1,33 @@
+"""`anyshape compress` on the embedded SmolLM2-135M with a tiny budget of tokens and trials."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tests.unit.test_cli import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_compress_exports_members_that_transformers_loads(capsys, tmp_path):
+    out = tmp_path / "family"
+    args = [
+        "compress", "smollm2-135m", "--out", out, "--budgets", "0.5,0.75", "--trials", "3",
+        "--num-sequences", "4", "--sequence-length", "128", "--search-sequences", "2", "--search-length", "64",
+        "--eval-tokens", "512", "--json",
+    ]  # fmt: skip
+    status, stdout, err = run(capsys, *args)
+    assert status == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parent"]["num_parameters"] == 134_515_008
+    for member in summary["members"]:
+        reloaded = AutoModelForCausalLM.from_pretrained(out / member["folder"])
+        assert sum(p.numel() for p in reloaded.parameters()) == member["num_parameters"]
+        assert member["num_parameters"] <= member["budget"] * 134_515_008
+        assert 1 < member["ppl"] < 1e5
+    report = (out / "report.md").read_text()
+    assert "## Budget 0.5" in report and "mlp-only" in report
+    assert json.loads(stdout)["members"][0]["folder"] == str(out / "0.5")

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from anyshape.cli import (  # noqa: F401  (registers them)
         compress,
         evaluate,
+        export,
         extract,
         importance,
         info,

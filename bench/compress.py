@@ -1,6 +1,6 @@
 """The searched Shape vs the single-axis heuristics on SmolLM2-135M, WikiText-2 protocol.
 
-    .venv/bin/python bench/compress.py              # about 25 minutes on 2 cores
+    .venv/bin/python bench/compress.py              # about 25 minutes on 2 idle cores
     .venv/bin/python bench/compress.py --quick      # a smoke run: fewer trials and tokens
 
 1. `compress` runs on SmolLM2 with budgets of 50% and 75% of the non-embedding parameters,
@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 trials per budget, 4,096 test tokens")
     parser.add_argument("--out", type=Path, default=Path("bench/results/family"), help="the family folder")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--trials", type=int, default=CompressSettings.trials, help="Shapes searched per budget")
+    parser.add_argument("--num-sequences", type=int, default=CompressSettings.num_sequences,
+                        help="calibration windows of 512 tokens (scores, compensation)")  # fmt: skip
+    parser.add_argument("--ridge", type=float, default=CompressSettings.ridge, help="compensation ridge")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -55,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         budgets=(0.5, 0.75),
         budget_basis="non-embedding",
         data=str(DATA / "wiki.valid.tokens"),
-        trials=4 if args.quick else CompressSettings.trials,
+        num_sequences=args.num_sequences,
+        trials=4 if args.quick else args.trials,
+        ridge=args.ridge,
     )
     print(f"compress: {settings}", flush=True)
     summary = compress("smollm2-135m", args.out, settings, overwrite=True, log=lambda m: print(m, flush=True))

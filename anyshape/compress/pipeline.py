@@ -138,8 +138,7 @@ def compress(
     identity = model_identity(model_ref)
     run_key = input_hash(model=identity, settings=asdict(settings), version=__version__)
     if out.exists():
-        summary_path = out / SUMMARY
-        if summary_path.is_file() and StageCache(out / "stages").done("run", run_key):
+        if (out / SUMMARY).is_file() and StageCache(out / "stages").done("run", run_key):
             log(f"{out} is up to date with these settings; nothing to do")
             return StageCache(out / "stages").read("run")
         if not overwrite:
@@ -157,8 +156,8 @@ def compress(
     ranking, layers_key = run_layers(context, scores, scores_key)
     members = []
     for budget in settings.budgets:
-        trials, search_key = run_search(context, budget, ranking, layers_key)
-        member, member_key = run_member(context, work, budget, trials, search_key)
+        result, search_key = run_search(context, budget, ranking, layers_key)
+        member, member_key = run_member(context, work, budget, result, search_key)
         members.append(run_eval(context, work, budget, member, member_key, ranking))
     dense = run_dense(context)
     summary = {
@@ -170,11 +169,9 @@ def compress(
         "members": members,
         "stages": context.timings,
     }
-    started = time.perf_counter()
     write_pareto_plot(context, work / "pareto.png")
     write_report(summary, work / "report.md")
     write_json(work / SUMMARY, summary)
-    context.timings["report"] = {"seconds": round(time.perf_counter() - started, 1), "reused": False}
     context.stages.save("run", run_key, summary)
     publish_directory(work, out)
     log(f"family written to {out}: {', '.join(m['folder'] for m in members)}, report.md, pareto.png, {SUMMARY}")

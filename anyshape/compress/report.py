@@ -32,6 +32,7 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
         f"{parent['latency']['prefill_ms']:.1f} ms.",
         "",
     ]
+    count = "num_parameters" if basis == "total" else "num_parameters_non_embedding"
     for member in summary["members"]:
         check = member.get("check_ppl")
         compensation = f"compensated: {'yes' if member['compensated'] else 'no'}" + (
@@ -40,10 +41,10 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
         lines += [
             f"## Budget {member['budget']:g} -> `{member['folder']}/`",
             "",
-            "| model | Shape | parameters | fraction | GFLOPs/token | decode ms | prefill ms | perplexity "
+            f"| model | Shape | {basis} parameters | fraction | GFLOPs/token | decode ms | prefill ms | perplexity "
             "| vs parent |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-            f"| **searched** | {describe(member['shape'])} | {member['num_parameters']:,} | {member['fraction']:.3f} | "
+            f"| **searched** | {describe(member['shape'])} | {member[count]:,} | {member['fraction']:.3f} | "
             f"{member['flops_per_token'] / 1e9:.3f} | {member['latency']['decode_ms']:.1f} | "
             f"{member['latency']['prefill_ms']:.1f} | **{member['ppl']:.2f}** | {member['ppl'] / parent['ppl']:.2f}x |",
             f"| searched, no compensation | same | | | | | | {member['ppl_plain']:.2f} | "

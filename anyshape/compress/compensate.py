@@ -13,11 +13,11 @@ a ridge towards the plain slice (ridge -> inf gives W0 back). The fit is sequent
 SparseGPT: X comes from the child with every earlier projection already compensated, so each
 fit also corrects the errors that reach it. The result has exactly the plain slice's tensors.
 
-Targets, for the attention or MLP branch of kept layer j (parent layer i):
-    residual  what the branch must add to the child's residual stream to match the parent's
-              after the same branch of layer i, on the kept channels [:H']; this also stands in
-              for the dropped layers before it
-    output    the parent branch's own output on the parent's residual stream, channels [:H']
+The target of the attention or MLP branch of kept layer j (parent layer i) is what the branch
+must add to the child's residual stream to match the parent's after the same branch of layer i,
+on the kept channels [:H'], so it also stands in for the dropped layers before it. (It beat the
+parent branch's own output as target on every SmolLM2-135M Shape tried, e.g. held-out perplexity
+163 against 230 at half the MLP neurons.)
 
 Notation: B batch, S tokens, H / H' parent / child hidden channels, K a projection's input
 width (Q' d for o_proj, F' for down_proj).
@@ -25,6 +25,7 @@ width (Q' d for o_proj, F' for down_proj).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,8 +39,7 @@ from anyshape.export.extract import extract_model
 from anyshape.model.llama import DecoderLayer, ElasticLlama
 from anyshape.shape import Shape
 
-TARGETS = ("residual", "output")
-RIDGE = 1e-2
+RIDGE = 1e-1  # best of 1e-3 ... 1 on SmolLM2-135M Shapes at 50% and 75% of the parameters
 
 
 @dataclass(frozen=True)
@@ -74,22 +74,21 @@ def compensate(
     shape: Shape,
     input_ids: Tensor,
     ridge: float = RIDGE,
-    target: str = "residual",
     batch_size: int = 4,
     progress: bool = False,
 ) -> ElasticLlama:
     """The Shape's sub-network of `parent` (see `extract_model`) with every kept layer's o_proj
     and down_proj re-fitted on calibration input_ids (N, S); `parent` is not modified.
 
-    `ridge` (> 0) is relative to the mean diagonal of X^T X; `target` is one of TARGETS.
+    `ridge` (> 0) is relative to the mean diagonal of X^T X.
     Memory: a few residual streams of all N x S tokens (parent's, child's, targets) and the
     inputs of one projection.
     """
     shape.validate(parent.config)
-    if not ridge > 0:
-        raise DataError(f"ridge={ridge} must be positive; use e.g. {RIDGE} (larger stays closer to the plain slice)")
-    if target not in TARGETS:
-        raise DataError(f"unknown compensation target {target!r}; choose one of {', '.join(TARGETS)}")
+    if not 0 < ridge < math.inf:
+        raise DataError(
+            f"ridge={ridge} must be positive and finite; use e.g. {RIDGE} (larger stays closer to the plain slice)"
+        )
     child = extract_model(parent, shape)
     device = parent.inv_freq.device
     batches = [ids.to(device) for ids in input_ids.split(batch_size)]
@@ -101,16 +100,13 @@ def compensate(
     channels = shape.hidden_size
     for i in tqdm(range(shape.layers[-1] + 1), desc="compensate", unit="layer", disable=not progress):
         parent_branches = branches(parent.model.layers[i], parent_rope, parent.full_shape)
+        child_branches = branches(child.model.layers[kept[i]], child_rope, child.full_shape) if i in kept else None
         for index, parent_branch in enumerate(parent_branches):
-            parent_outputs = [parent_branch.run(x) for x in parent_states]  # (B, S, H) each
-            parent_states = [x + y for x, y in zip(parent_states, parent_outputs, strict=True)]
-            if i not in kept:
+            parent_states = [x + parent_branch.run(x) for x in parent_states]  # (B, S, H) each
+            if child_branches is None:  # a dropped layer: the next kept one makes up for it
                 continue
-            child_branch = branches(child.model.layers[kept[i]], child_rope, child.full_shape)[index]
-            if target == "residual":
-                targets = [p[..., :channels] - c for p, c in zip(parent_states, child_states, strict=True)]
-            else:
-                targets = [y[..., :channels] for y in parent_outputs]
+            child_branch = child_branches[index]
+            targets = [p[..., :channels] - c for p, c in zip(parent_states, child_states, strict=True)]  # (B, S, H')
             child_outputs = refit_projection(child_branch, child_states, targets, ridge)
             child_states = [x + y for x, y in zip(child_states, child_outputs, strict=True)]
     return child

@@ -133,7 +133,7 @@ def test_compensation_tracks_the_parent_better_than_the_plain_slice(confident_mo
     plain, compensated = extract_model(parent, shape), compensate(parent, shape, text)
     plain_errors = residual_errors(parent, plain, shape, text)
     compensated_errors = residual_errors(parent, compensated, shape, text)
-    assert all(c < p for c, p in zip(compensated_errors, plain_errors, strict=True)), (
+    assert all(c < 0.5 * p for c, p in zip(compensated_errors, plain_errors, strict=True)), (
         compensated_errors,
         plain_errors,
     )
@@ -174,10 +174,8 @@ def test_parent_is_untouched(tiny_models, confident_models):
         assert torch.equal(tensor, after[name]), name
 
 
-@pytest.mark.parametrize(
-    ("options", "message"), [({"ridge": 0.0}, "ridge=0.0 must be positive"), ({"target": "logits"}, "target 'logits'")]
-)
-def test_bad_options_are_refused(tiny_models, options, message):
+@pytest.mark.parametrize("ridge", [0.0, -1.0, float("nan"), float("inf")])
+def test_ridge_must_be_positive(tiny_models, ridge):
     model = tiny_models["llama-mha-tied"]
-    with pytest.raises(DataError, match=message):
-        compensate(model, model.full_shape, INPUT_IDS, **options)
+    with pytest.raises(DataError, match="must be positive and finite"):
+        compensate(model, model.full_shape, INPUT_IDS, ridge=ridge)

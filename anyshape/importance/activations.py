@@ -13,7 +13,6 @@ keeps every agg_S reduction of every sequence, so all nine (agg_B, agg_S) pairs 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,13 +69,20 @@ def record_activations(
 ) -> ActivationRecord:
     """Runs the full model on calibration input_ids (N, S) and records every statistic."""
     config = model.config
-    chunks: dict[tuple[str, str, int], list[Tensor]] = defaultdict(list)
+    # Each (N, units) result is allocated once, at the first batch, and filled in place: small
+    # tensors kept across batches would split the allocator's free blocks, and the process
+    # would grow by the size of a batch's temporaries at every batch.
+    per_sequence: dict[tuple[str, str, int], Tensor] = {}
     cosine_sum = torch.zeros(config.num_hidden_layers, dtype=torch.float64)
+    rows = slice(0, 0)  # the calibration sequences of the current batch
 
     def keep(unit: str, index: int, statistic: Tensor) -> None:  # statistic (B, S, units)
         statistic = statistic.float()
         for agg_seq, reduce in AGGREGATIONS.items():
-            chunks[(agg_seq, unit, index)].append(reduce(statistic, 1).cpu())
+            key = (agg_seq, unit, index)
+            if key not in per_sequence:
+                per_sequence[key] = torch.empty(len(input_ids), statistic.shape[-1])
+            per_sequence[key][rows] = reduce(statistic, 1)
 
     def head_norms(out: Tensor) -> Tensor:  # (B, S, Q d) -> (B, S, Q)
         return out.unflatten(-1, (-1, config.head_dim)).norm(dim=-1)
@@ -98,9 +104,9 @@ def record_activations(
     try:
         batches = range(0, len(input_ids), batch_size)
         for start in tqdm(batches, desc="activations", unit="batch", disable=not progress):
-            model(input_ids[start : start + batch_size].to(model.inv_freq.device))
+            rows = slice(start, start + batch_size)
+            model(input_ids[rows].to(model.inv_freq.device))
     finally:
         for hook in hooks:
             hook.remove()
-    per_sequence = {key: torch.cat(parts) for key, parts in chunks.items()}
     return ActivationRecord(config, per_sequence, num_norms, (1 - cosine_sum / input_ids.numel()).float())

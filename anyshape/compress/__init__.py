@@ -1,1 +1,1 @@
-"""Compression beyond slicing: closed-form corrections of a sliced Shape's weights."""
+"""compress: one model into a family of smaller standard models (stages, compensation, baselines, report)."""

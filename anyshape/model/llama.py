@@ -2,7 +2,9 @@
 
 Parameter names are the Hugging Face names, so checkpoints load and export by key identity.
 `forward(input_ids, shape=...)` takes the Shape as an argument: nothing about a sub-network
-is stored on the modules, and a smaller Shape does proportionally less work.
+is stored on the modules, and a smaller Shape does proportionally less work. For incremental
+decoding, `forward(input_ids, shape, cache=KVCache(shape))` remembers the keys and values of
+the tokens seen so far, so each call only runs the new tokens.
 
 Notation: B batch, T tokens, H' hidden channels, Q'/G' query/key-value heads, d head_dim,
 F' MLP neurons, V vocabulary (primes: the Shape's widths).
@@ -10,15 +12,58 @@ F' MLP neurons, V vocabulary (primes: the Shape's widths).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from anyshape.errors import AnyshapeError
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
+
+
+@dataclass
+class LayerKV:
+    """The keys (RoPE applied) and values one attention layer has computed so far."""
+
+    keys: Tensor | None = None  # (B, G', T_past, d)
+    values: Tensor | None = None  # (B, G', T_past, d)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Adds the new tokens' k and v, each (B, G', T, d); returns all keys and values so
+        far, each (B, G', T_past + T, d)."""
+        self.keys = k if self.keys is None else torch.cat((self.keys, k), dim=2)
+        self.values = v if self.values is None else torch.cat((self.values, v), dim=2)
+        return self.keys, self.values
+
+
+@dataclass
+class KVCache:
+    """What incremental decoding keeps of the tokens seen so far, for one Shape and one batch.
+
+    `layers[i]` belongs to the Shape's i-th kept layer; `length` tokens have been run, so the
+    next token's position is `length`. Every call that uses the cache must pass the same Shape.
+    """
+
+    shape: Shape
+    length: int = 0
+    layers: list[LayerKV] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layers = [LayerKV() for _ in self.shape.layers]
+
+    def crop(self, length: int) -> None:
+        """Forgets every token from position `length` on (e.g. to reuse a shared prefix)."""
+        if not 0 <= length <= self.length:
+            raise AnyshapeError(f"cannot crop a cache of {self.length} tokens to {length}; use 0..{self.length}")
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        self.length = length
 
 
 def sliced(module: nn.Module, config: LlamaFamilyConfig, shape: Shape) -> dict[str, Tensor]:
@@ -38,8 +83,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.o_bias)
         self.head_outputs = nn.Identity()  # tap for hooks: (B, T, Q' d) entering o_proj
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape) -> Tensor:
-        """x: (B, T, H') -> (B, T, H'). rope: cos and sin, each (T, d)."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape, past: LayerKV | None = None) -> Tensor:
+        """x: (B, T, H') -> (B, T, H'). rope: cos and sin at the T tokens' positions, each (T, d).
+        `past`: this layer's keys and values of the earlier tokens, extended in place with the
+        T new ones (which then come last: positions T_past..T_past + T - 1)."""
         w = sliced(self, self.config, shape)
         B, T, _ = x.shape
         d = self.config.head_dim
@@ -47,21 +94,25 @@ class Attention(nn.Module):
         k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias")).view(B, T, -1, d).transpose(1, 2)
         v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias")).view(B, T, -1, d).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, Q', T, d), (B, G', T, d)
-        mask = self._window_mask(T, x.device)
+        if past is not None:
+            k, v = past.append(k, v)  # (B, G', S, d), S = T_past + T
+        mask = self._mask(T, k.shape[2], x.device)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=q.shape[1] != k.shape[1]
         )  # (B, Q', T, d)
         y = self.head_outputs(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Q' d)
         return F.linear(y, w["o_proj.weight"], w.get("o_proj.bias"))
 
-    def _window_mask(self, T: int, device: torch.device) -> Tensor | None:
-        """Causal sliding-window mask (T, T), True = attend; None when the window covers T."""
+    def _mask(self, T: int, S: int, device: torch.device) -> Tensor | None:
+        """Which of the S keys each of the T newest queries sees: (T, S), True = attend; causal,
+        and within the sliding window if the model has one. None where SDPA needs no mask: no
+        window cuts into the S keys, and T = S (`is_causal`) or T = 1 (every key)."""
         window = self.config.sliding_window
-        if window is None or T <= window:
+        if (window is None or S <= window) and T in (1, S):
             return None
-        i = torch.arange(T, device=device)
-        distance = i[:, None] - i[None, :]
-        return (distance >= 0) & (distance < window)
+        distance = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)[None, :]
+        allowed = distance >= 0
+        return allowed if window is None else allowed & (distance < window)
 
 
 class MLP(nn.Module):
@@ -104,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, shape), rope, shape)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape, past: LayerKV | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x, shape), rope, shape, past)
         x = x + self.mlp(self.post_attention_layernorm(x, shape), shape)
         return x
 
@@ -137,28 +188,39 @@ class ElasticLlama(nn.Module):
     def full_shape(self) -> Shape:
         return Shape.full(self.config)
 
-    def forward(self, input_ids: Tensor, shape: Shape | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, shape: Shape | None = None, cache: KVCache | None = None) -> Tensor:
         """input_ids: (B, T) token ids -> logits (B, T, V) of the sub-network `shape`
-        (None: the full model). The Shape must be valid for this model (`Shape.validate`)."""
-        shape = shape or self.full_shape
-        return self.lm_head_logits(self.hidden_states(input_ids, shape), shape)
+        (None: the full model). The Shape must be valid for this model (`Shape.validate`).
 
-    def hidden_states(self, input_ids: Tensor, shape: Shape) -> Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, H')."""
+        With a `cache`, input_ids are the tokens that follow the `cache.length` tokens it holds;
+        they attend to those too, and are added to it."""
+        shape = shape or self.full_shape
+        return self.lm_head_logits(self.hidden_states(input_ids, shape, cache), shape)
+
+    def hidden_states(self, input_ids: Tensor, shape: Shape, cache: KVCache | None = None) -> Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, H'), after the cache's tokens."""
+        if cache is not None and cache.shape != shape:
+            raise AnyshapeError(
+                f"this KVCache holds keys and values of Shape {cache.shape.to_json()}, not of {shape.to_json()}; "
+                "start a new KVCache(shape) for another Shape"
+            )
         embedding = slice_parameter("embed_tokens.weight", self.model.embed_tokens.weight, self.config, shape)
         x = F.embedding(input_ids, embedding)  # (B, T, H')
-        rope = self.rope(input_ids.shape[1], x.dtype)
-        for index in shape.layers:
-            x = self.model.layers[index](x, rope, shape)
+        start = 0 if cache is None else cache.length
+        rope = self.rope(input_ids.shape[1], x.dtype, start)
+        for i, index in enumerate(shape.layers):
+            x = self.model.layers[index](x, rope, shape, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         return self.model.norm(x, shape)
 
     def lm_head_logits(self, hidden: Tensor, shape: Shape) -> Tensor:
         """hidden (B, T, H') -> logits (B, T, V)."""
         return F.linear(hidden, slice_parameter("lm_head.weight", self.lm_head.weight, self.config, shape))
 
-    def rope(self, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of the rotary embedding at positions 0..T-1, each (T, d)."""
-        positions = torch.arange(T, device=self.inv_freq.device, dtype=torch.float32)
+    def rope(self, T: int, dtype: torch.dtype, start: int = 0) -> tuple[Tensor, Tensor]:
+        """cos, sin of the rotary embedding at positions start..start+T-1, each (T, d)."""
+        positions = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
         angles = torch.outer(positions, self.inv_freq.float())  # (T, d/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, d)
         return (angles.cos() * self.rope_scaling).to(dtype), (angles.sin() * self.rope_scaling).to(dtype)

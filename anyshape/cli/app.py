@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status: 0 on success, 2 for bad input (with a one-line
     message on stderr that names the problem and its fix), 130 when interrupted."""
     from anyshape.cli import (  # noqa: F401  (registers them)
+        bench,
         chat,
         compress,
         evaluate,

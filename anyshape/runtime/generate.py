@@ -88,17 +88,19 @@ class Decoder:
         reused = _common_prefix(self.tokens, prompt[:-1])  # the last token is run anyway: its logits are needed
         self.cache.crop(reused)
         del self.tokens[reused:]
-        logits = self._run(prompt[reused:])
+        logits = self.run(prompt[reused:])
         for step in range(max_new_tokens):
             token = next_token(logits, sampling, generator)
             if token in stop:
                 return
             yield token
             if step + 1 < max_new_tokens:
-                logits = self._run([token])
+                logits = self.run([token])
 
-    def _run(self, tokens: Sequence[int]) -> Tensor:
-        """Runs `tokens` after the cached ones; returns the last one's logits (V,)."""
+    @torch.inference_mode()
+    def run(self, tokens: Sequence[int]) -> Tensor:
+        """Runs `tokens` after the cached ones (all of them in one forward) and adds them to the
+        cache; returns the last one's logits (V,)."""
         input_ids = torch.tensor([list(tokens)], device=self.model.inv_freq.device)  # (1, T)
         hidden = self.model.hidden_states(input_ids, self.shape, self.cache)[:, -1]  # (1, H')
         self.tokens += tokens

@@ -170,3 +170,17 @@ def test_smollm2_answers_a_question(capsys):
     status, out, err = run(capsys, "chat", "smollm2-135m", "--prompt", "What is the capital of France?")
     assert status == 0, err
     assert "Paris" in out
+
+
+def test_chat_help_teaches_both_modes(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")  # narrow: the example lines must still not wrap
+    status, out, err = run(capsys, "chat", "--help")
+    assert status == 0 and err == ""
+    assert out.startswith("Usage: anyshape chat [OPTIONS] {MODEL}")
+    assert "\n    anyshape chat family/0.5\n" in out
+    assert (
+        '\n    anyshape chat smollm2-135m --shape shape.json --prompt "Explain GQA in one line" --max-new-tokens 64\n'
+        in out
+    )
+    for option in ("--prompt", "--system", "--max-new-tokens", "--temperature", "--top-p", "--seed"):
+        assert option in out

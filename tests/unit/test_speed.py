@@ -147,3 +147,13 @@ def test_bad_bench_input_exits_2(capsys, tiny_dir, args, words):
 
 def test_bench_a_missing_model_exits_2(capsys, tmp_path):
     assert_bad_input(capsys, ["bench", tmp_path / "family", "--prompt-tokens", 8], "not found")
+
+
+def test_bench_help_names_the_runtimes(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")  # narrow: the example line must still not wrap
+    status, out, err = run(capsys, "bench", "--help")
+    assert status == 0 and err == ""
+    assert out.startswith("Usage: anyshape bench [OPTIONS] {MODEL_OR_FAMILY}")
+    assert "\n  Example: anyshape bench family/ --prompt-tokens 512 --gen-tokens 128 --json\n" in out
+    for option in ("--prompt-tokens", "--gen-tokens", "--repeats", "--warmup", "--runtime", "--csv", "--plot"):
+        assert option in out

@@ -15,3 +15,7 @@ class CheckpointError(AnyshapeError):
 
 class DataError(AnyshapeError):
     """Text or data that cannot be read or is too short for the requested protocol."""
+
+
+class TaskError(AnyshapeError):
+    """An evaluation task that cannot be found or run (unknown name, unsupported request)."""

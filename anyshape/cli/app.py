@@ -19,7 +19,7 @@ app = typer.Typer(
     "\b\nExamples:\n"
     "  anyshape info smollm2-135m --json\n"
     "  anyshape extract smollm2-135m --shape '{\"num_hidden_layers\": 20}' --out out/small\n"
-    "  anyshape eval out/small --ppl --json",
+    "  anyshape evaluate out/small --ppl --json",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

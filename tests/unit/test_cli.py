@@ -417,7 +417,7 @@ def test_interrupted_extract_leaves_nothing(capsys, tiny_dir, tmp_path, monkeypa
 EXAMPLES = {
     "info": "anyshape info smollm2-135m --json",
     "extract": "anyshape extract smollm2-135m --shape '{\"num_hidden_layers\": 20}' --out out/small",
-    "eval": "anyshape eval out/small --ppl --json",
+    "evaluate": "anyshape evaluate out/small --ppl --json",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,3 +45,28 @@ def publish_directory(finished: Path, out: Path) -> None:
         shutil.rmtree(trash)
     else:
         os.replace(finished, out)
+
+
+@contextmanager
+def atomic_files(paths: Sequence[str | Path], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Yields a hidden temporary path beside each of `paths` (same suffix) for the caller to
+    write; once all are written, each is renamed to its path.
+
+    On any exception (Ctrl-C included) the temporary files are removed and `paths` are untouched,
+    so no file of the set is ever half-written. Existing files are replaced only with
+    `overwrite=True`.
+    """
+    paths = [Path(path) for path in paths]
+    existing = [path for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise AnyshapeError(f"{existing[0]} already exists; choose another path or pass overwrite=True")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmps = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in paths]
+    try:
+        yield tmps
+        for tmp, path in zip(tmps, paths, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         importance,
         info,
         layers,
+        report,
         rpd,
         search,
         sort,

@@ -1,6 +1,6 @@
 """Importance sorting and depth selection on the embedded SmolLM2-135M, WikiText-2 protocol.
 
-    .venv/bin/python bench/importance.py           # full run (about 25 minutes on 2 cores)
+    .venv/bin/python bench/importance.py           # full run (about 45 minutes on 2 cores)
     .venv/bin/python bench/importance.py --quick   # smoke run: 4 test windows, tiny calibration
 
 Perplexity follows the project's WikiText-2 protocol (../shared/data/wikitext-2/README.md): the

@@ -112,7 +112,7 @@ def compensate(
 
 
 def refit_projection(branch: Branch, inputs: list[Tensor], targets: list[Tensor], ridge: float) -> list[Tensor]:
-    """Sets `branch.projection.weight` to the ridge least-squares fit, in float64, of the
+    """Sets `branch.projection.weight` to the ridge least-squares fit (solved in float64) of the
     branch's outputs on inputs (B, S, H') to targets (B, S, H'), the bias held fixed; returns
     the branch's outputs (B, S, H') with the new weight."""
     projection = branch.projection
@@ -124,11 +124,11 @@ def refit_projection(branch: Branch, inputs: list[Tensor], targets: list[Tensor]
     try:
         for x, y in zip(inputs, targets, strict=True):
             branch.run(x)
-            features = activations[-1].flatten(0, 1).double()  # (B S, K)
-            wanted = y.flatten(0, 1).double()  # (B S, H')
+            features = activations[-1].flatten(0, 1).float()  # (B S, K)
+            wanted = y.flatten(0, 1).float()  # (B S, H')
             if projection.bias is not None:
-                wanted = wanted - projection.bias.double()
-            gram += features.T @ features
+                wanted = wanted - projection.bias.float()
+            gram += features.T @ features  # a batch's sum in float32 (fast), the total in float64
             cross += features.T @ wanted
     finally:
         handle.remove()

@@ -1,13 +1,16 @@
 """GGUF export of the embedded SmolLM2-135M (slow: exports and reloads the real model)."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import anyshape
 from anyshape import Shape
+from anyshape.data.text import default_text
 from anyshape.export.gguf import export_gguf
 from tests.unit.test_cli import run
 
@@ -29,14 +32,14 @@ PROMPT = "Structured pruning keeps the most important units."
 
 @pytest.fixture(scope="module")
 def exported(smollm2, smollm2_tokenizer, tmp_path_factory):
-    """exported(case, outtype) -> the GGUF file of SHAPES[case], written once per module."""
+    """exported(case, outtype) -> the GGUF file of SHAPES[case] ("full": the whole model), written once per module."""
     folder = tmp_path_factory.mktemp("gguf")
     files = {}
 
     def make(case: str, outtype: str = "f32"):
         if (case, outtype) not in files:
             out = folder / f"{case}-{outtype}.gguf"
-            shape = Shape.from_dict(SHAPES[case], smollm2.config)
+            shape = smollm2.full_shape if case == "full" else Shape.from_dict(SHAPES[case], smollm2.config)
             export_gguf(smollm2, shape, out, smollm2_tokenizer, outtype=outtype, parent="smollm2-135m")
             files[case, outtype] = out
         return files[case, outtype]
@@ -97,14 +100,31 @@ def greedy(model, shape: Shape, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def test_llama_cpp_continues_like_the_elastic_model(smollm2, exported, prompt_ids):
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_llama_cpp_continues_like_the_elastic_model(smollm2, exported, prompt_ids, case):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    shape = Shape.from_dict(SHAPES["mixed"], smollm2.config)
+    shape = Shape.from_dict(SHAPES[case], smollm2.config)
     prompt = prompt_ids[0].tolist()
-    llm = llama_cpp.Llama(model_path=str(exported("mixed")), n_ctx=128, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(exported(case)), n_ctx=128, verbose=False)
     continuation = []
     for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         continuation.append(token)
         if len(continuation) == 16:
             break
     assert continuation == greedy(smollm2, shape, prompt, 16)
+
+
+def llama_cpp_perplexity(llama_cpp, path, token_ids: list[int]) -> float:
+    """Perplexity that llama.cpp gives `token_ids` (one window, every token after the first scored)."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(token_ids), logits_all=True, verbose=False)
+    llm.eval(token_ids)
+    logits = torch.from_numpy(np.array(llm.scores[: len(token_ids) - 1]))
+    return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(token_ids[1:])).item())
+
+
+def test_llama_cpp_q8_0_perplexity_is_within_3_percent_of_f32(smollm2_tokenizer, exported):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    token_ids = smollm2_tokenizer(default_text()[:4000])["input_ids"][:256]
+    # on the whole model: an unsorted slice's perplexity is in the millions, where 8-bit noise is no measure
+    f32, q8_0 = (llama_cpp_perplexity(llama_cpp, exported("full", outtype), token_ids) for outtype in ("f32", "q8_0"))
+    assert abs(q8_0 / f32 - 1) <= 0.03, (f32, q8_0)

@@ -43,6 +43,14 @@ def compress_command(
     algorithm: Annotated[str, typer.Option(help="Search: nsga2, bins or random.")] = DEFAULTS.algorithm,
     trials: Annotated[int, typer.Option(help="Shapes evaluated per budget.", min=1)] = DEFAULTS.trials,
     band: Annotated[float, typer.Option(help="Search Shapes within [(1 - band) B, B] for budget B.")] = DEFAULTS.band,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="Per budget, the Shapes of lowest proxy perplexity (searched, or single-axis) that are "
+            "compensated and compared on held-out windows.",
+            min=1,
+        ),
+    ] = DEFAULTS.candidates,
     compensate: Annotated[
         bool | None,
         typer.Option(
@@ -97,6 +105,7 @@ def compress_command(
         algorithm=algorithm,
         trials=trials,
         band=band,
+        candidates=candidates,
         compensate={None: "auto", True: "on", False: "off"}[compensate],
         ridge=ridge,
         eval_tokens=eval_tokens,

@@ -5,7 +5,9 @@ Stages, each resumable (`compress.stages`):
     layers     a ranking of the layers (block importance from the scores, or `drop` / `dp`)
     search-B   for each budget B, a search of the Shapes of the sorted model within
                [(1 - band) B, B] parameters, minimising proxy perplexity; the best is chosen
-    member-B   the chosen Shape, compensated when that helps (on held-out windows), exported
+    member-B   the candidates with the lowest proxy perplexity (the search's Shapes and the
+               single-axis heuristics at B) are compensated; the best on held-out windows,
+               compensated when that helps, is exported
     eval-B     perplexity of the exported member and of the plain slice on the evaluation split,
                with the single-axis heuristics at the same budget, and measured latency
     report     report.md, pareto.png and summary.json
@@ -75,6 +77,7 @@ class CompressSettings:
     depth_method: str = "bi"
     algorithm: str = "nsga2"
     trials: int = 40  # Shapes evaluated per budget
+    candidates: int = 2  # lowest-proxy Shapes (searched or single-axis) compensated and compared per budget
     band: float = 0.1  # search Shapes within [(1 - band) B, B]
     compensate: str = "auto"
     ridge: float = RIDGE
@@ -96,6 +99,8 @@ class CompressSettings:
             raise ShapeError(f"budgets {list(self.budgets)} must each be a fraction in (0, 1], e.g. 0.25,0.5,0.75")
         if not 0 <= self.band < 1:
             raise AnyshapeError(f"band={self.band} must be in [0, 1)")
+        if self.candidates < 1:
+            raise AnyshapeError(f"candidates={self.candidates} must be at least 1 (1: the search's best Shape only)")
         return self
 
 
@@ -157,7 +162,7 @@ def compress(
     members = []
     for budget in settings.budgets:
         result, search_key = run_search(context, budget, ranking, layers_key)
-        member, member_key = run_member(context, work, budget, result, search_key)
+        member, member_key = run_member(context, work, budget, result, search_key, ranking)
         members.append(run_eval(context, work, budget, member, member_key, ranking))
     dense = run_dense(context)
     summary = {
@@ -307,28 +312,40 @@ def run_search(context: Context, budget: float, ranking: list[int], layers_key: 
 
 
 def run_member(
-    context: Context, work: Path, budget: float, result: SearchResult, search_key: str
+    context: Context, work: Path, budget: float, result: SearchResult, search_key: str, ranking: list[int]
 ) -> tuple[dict[str, Any], str]:
-    """Exports the search's best Shape, compensated when the settings (and, in `auto`, the
-    held-out check) say so."""
+    """Exports the best candidate: compensated when the settings (and, in `auto`, the held-out
+    check) say so. Compensation changes which Shape is best, so the `candidates` Shapes of lowest
+    plain proxy perplexity are each compensated and compared on the held-out windows."""
     s, started = context.settings, time.perf_counter()
     stage = f"member-{budget:g}"
-    shape = result.best().shape
-    key = input_hash(search=search_key, compensate=s.compensate, ridge=s.ridge, dtype=s.dtype)
+    key = input_hash(
+        search=search_key, ranking=ranking, compensate=s.compensate, ridge=s.ridge, dtype=s.dtype,
+        candidates=s.candidates,
+    )  # fmt: skip
     folder = work / f"{budget:g}"
     reused = context.stages.done(stage, key) and folder.is_dir()
     if not reused:
         elastic = model(context)
-        record: dict[str, Any] = {"shape": shape.to_dict(), "folder": folder.name, "compensated": False}
+        ranked = candidates(context, budget, result, ranking)
+        source, shape, plain = ranked[0]
         child = extract_model(elastic, shape)
+        record: dict[str, Any] = {"shape": shape.to_dict(), "source": source, "folder": folder.name}
+        record["compensated"] = False
         if s.compensate != "off":
-            context.log(f"[{stage}] compensating {shape.num_hidden_layers} layers")
-            compensated = compensate(elastic, shape, context.fit_ids, ridge=s.ridge, progress=True)
-            check = {"plain": math.exp(mean_nll(child, context.check_ids))}
-            check["compensated"] = math.exp(mean_nll(compensated, context.check_ids))
-            record["check_ppl"] = check
-            if s.compensate == "on" or check["compensated"] < check["plain"]:
-                child, record["compensated"] = compensated, True
+            tried = []
+            for source, candidate, candidate_plain in ranked[: s.candidates]:
+                context.log(f"[{stage}] compensating {source} {candidate.num_hidden_layers}-layer Shape")
+                fitted = compensate(elastic, candidate, context.fit_ids, ridge=s.ridge, progress=True)
+                check = {"plain": candidate_plain, "compensated": math.exp(mean_nll(fitted, context.check_ids))}
+                tried.append((check, source, candidate, fitted))
+            check, source, candidate, fitted = min(tried, key=lambda t: t[0]["compensated"])
+            record["candidates"] = [{"source": t[1], "shape": t[2].to_dict(), "check_ppl": t[0]} for t in tried]
+            if s.compensate == "on" or check["compensated"] < plain:
+                child, shape = fitted, candidate
+                record.update(shape=shape.to_dict(), source=source, compensated=True, check_ppl=check)
+            else:
+                record["check_ppl"] = {"plain": plain, "compensated": tried[0][0]["compensated"]}
         export_hf(
             child.to(getattr(torch, s.dtype)), child.full_shape, folder, load_tokenizer(context.model_ref),
             context.model_ref, overwrite=True, lineage=(context.config, shape),
@@ -337,6 +354,26 @@ def run_member(
         context.stages.save(stage, key, record)
     _timed(context, stage, reused, started)
     return context.stages.read(stage), key
+
+
+def candidates(
+    context: Context, budget: float, result: SearchResult, ranking: list[int]
+) -> list[tuple[str, Shape, float]]:
+    """(source, Shape, plain proxy perplexity) of the search's Shapes and of the single-axis
+    heuristics within the search's band, lowest perplexity first. The heuristics lie off the
+    search's grid (e.g. exactly the MLP width that fills the budget), so they are worth a try."""
+    quality = Quality(model(context), context.check_ids)
+    high = budget * context.parent_params()
+    heuristics = single_axis_shapes(context.config, high, context.embeddings, ranking)
+    in_band = {
+        name: shape
+        for name, shape in heuristics.items()
+        if shape is not None
+        and shape.num_parameters(context.config, context.embeddings) >= (1 - context.settings.band) * high
+    }
+    ranked = [("search", trial.shape, trial.quality) for trial in result.trials]
+    ranked += [(name, shape, quality(shape)) for name, shape in in_band.items()]
+    return sorted(ranked, key=lambda c: (c[2], c[1].num_parameters(context.config)))
 
 
 def run_eval(

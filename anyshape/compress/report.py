@@ -38,16 +38,24 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
         compensation = f"compensated: {'yes' if member['compensated'] else 'no'}" + (
             f" (held-out check {check['plain']:.2f} -> {check['compensated']:.2f})" if check else ""
         )
+        tried = member.get("candidates", [])
+        if tried:
+            compensation += ". Candidates compensated (held-out check, plain -> compensated): " + "; ".join(
+                f"{c['source']} {describe(c['shape'])} {c['check_ppl']['plain']:.2f} -> "
+                f"{c['check_ppl']['compensated']:.2f}"
+                for c in tried
+            )
         lines += [
             f"## Budget {member['budget']:g} -> `{member['folder']}/`",
             "",
             f"| model | Shape | {basis} parameters | fraction | GFLOPs/token | decode ms | prefill ms | perplexity "
             "| vs parent |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-            f"| **searched** | {describe(member['shape'])} | {member[count]:,} | {member['fraction']:.3f} | "
+            f"| **chosen ({member.get('source', 'search')})** | {describe(member['shape'])} | {member[count]:,} | "
+            f"{member['fraction']:.3f} | "
             f"{member['flops_per_token'] / 1e9:.3f} | {member['latency']['decode_ms']:.1f} | "
             f"{member['latency']['prefill_ms']:.1f} | **{member['ppl']:.2f}** | {member['ppl'] / parent['ppl']:.2f}x |",
-            f"| searched, no compensation | same | | | | | | {member['ppl_plain']:.2f} | "
+            f"| chosen, no compensation | same | | | | | | {member['ppl_plain']:.2f} | "
             f"{member['ppl_plain'] / parent['ppl']:.2f}x |",
         ]
         for name, baseline in member["baselines"].items():

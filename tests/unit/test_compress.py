@@ -163,3 +163,29 @@ def test_search_command_writes_a_front_within_the_bounds(capsys, tiny_dir, text,
 )
 def test_bad_search_options(capsys, tiny_dir, tmp_path, args, words):
     assert_bad_input(capsys, ["search", tiny_dir(PARENT), "--out", tmp_path / "p.json", *args], *words)
+
+
+def test_the_member_is_the_best_compensated_candidate(tiny_dir, text, tmp_path):
+    settings = CompressSettings(
+        **{**SETTINGS.__dict__, "data": str(text), "compensate": "on", "trials": 2, "candidates": 5}
+    )
+    summary = compress(str(tiny_dir(PARENT)), tmp_path / "family", settings)
+    parent = anyshape.load(tiny_dir(PARENT))
+    full = parent.full_shape.num_parameters(parent.config)
+    for member in summary["members"]:
+        tried = member["candidates"]
+        best = min(tried, key=lambda c: c["check_ppl"]["compensated"])
+        assert (member["shape"], member["source"], member["check_ppl"]) == (
+            best["shape"], best["source"], best["check_ppl"]
+        )  # fmt: skip
+        plain = [c["check_ppl"]["plain"] for c in tried]
+        assert plain == sorted(plain), "the candidates are those of lowest plain proxy perplexity, in order"
+        ranking = json.loads((tmp_path / "family" / "stages" / "layers.json").read_text())["ranking"]
+        heuristics = single_axis_shapes(parent.config, member["budget"] * full, True, ranking)
+        in_band = {
+            name
+            for name, shape in heuristics.items()
+            if shape is not None
+            and shape.num_parameters(parent.config) >= (1 - settings.band) * member["budget"] * full
+        }
+        assert in_band <= {c["source"] for c in tried} <= {"search", *in_band}

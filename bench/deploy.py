@@ -221,6 +221,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda row: row["params"])
     params = [row["params"] / 1e6 for row in rows]
     figure, (accuracy, ppl, speed) = plt.subplots(1, 3, figsize=(13, 3.8))
     for task, metric in (("hellaswag_local", "acc_norm"), ("lambada_openai_local", "acc"), ("boolq_local", "acc")):

@@ -1,4 +1,4 @@
-"""The searched Shape vs the single-axis heuristics on SmolLM2-135M, WikiText-2 protocol.
+"""compress's chosen Shape vs the single-axis heuristics on SmolLM2-135M, WikiText-2 protocol.
 
     .venv/bin/python bench/compress.py              # about 25 minutes on 2 idle cores
     .venv/bin/python bench/compress.py --quick      # a smoke run: fewer trials and tokens
@@ -7,11 +7,11 @@
    calibrating on ../shared/data/wikitext-2/wiki.valid.tokens (its default settings
    otherwise), and its stage wall times are printed.
 2. Every Shape is then measured on the WikiText-2 test protocol (../shared/data/wikitext-2/
-   README.md: 64 disjoint windows of 512 tokens, 32,704 scored tokens): the searched Shape as
+   README.md: 64 disjoint windows of 512 tokens, 32,704 scored tokens): the chosen Shape as
    exported (compensated or not, as compress chose), and plain; the single-axis heuristics at
    the same budget (MLP-only, hidden-only, depth-only; LLaMaFlex Table C4), plain and with the
    same calibrated compensation. All on the same importance-sorted parent.
-Goals: at 50%, the searched Shape with compensation at most 0.5x the best single-axis
+Goals: at 50%, the chosen Shape with compensation at most 0.5x the best single-axis
 heuristic's perplexity; at 75%, at most 2x the dense perplexity.
 """
 
@@ -39,8 +39,8 @@ from anyshape.importance.scores import Scores
 from anyshape.shape import Shape
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-HALF_GOAL = 0.5  # searched (compensated) / best single-axis heuristic at 50%
-THREE_QUARTER_GOAL = 2.0  # searched / dense at 75%
+HALF_GOAL = 0.5  # chosen (compensated) / best single-axis heuristic at 50%
+THREE_QUARTER_GOAL = 2.0  # chosen / dense at 75%
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))
 
-    # Pass 1, what the goals need: the searched Shapes (plain and compensated), every heuristic plain.
+    # Pass 1, what the goals need: the chosen Shapes (plain and compensated), every heuristic plain.
     for member in summary["members"]:
         shape = Shape.from_dict(member["shape"], config)
         compensated = (
@@ -164,11 +164,11 @@ def markdown(results: dict) -> str:
                 f"| {budget:g} | {describe(r['shape'])} | {label(r)} | {r['fraction']:.3f} | "
                 f"{_number(r['ppl_plain'])} | {_number(r['ppl_compensated'])} |"
             )
-        searched = next(r for r in rows if r["method"] == "chosen")
+        chosen = next(r for r in rows if r["method"] == "chosen")
         heuristics = [r for r in rows if r["method"] != "chosen" and r["shape"] is not None]
         best_plain = min(r["ppl_plain"] for r in heuristics)
         if math.isclose(budget, 0.5):
-            ratio = searched["ppl_compensated"] / best_plain
+            ratio = chosen["ppl_compensated"] / best_plain
             verdicts.append(
                 f"50%: chosen + compensation / best single-axis heuristic = {ratio:.3f} "
                 f"(goal <= {HALF_GOAL}: {'met' if ratio <= HALF_GOAL else 'MISSED'})"
@@ -177,10 +177,10 @@ def markdown(results: dict) -> str:
             if None not in compensated:
                 verdicts.append(
                     f"50%: chosen + compensation / best heuristic + compensation = "
-                    f"{searched['ppl_compensated'] / min(compensated):.3f}"
+                    f"{chosen['ppl_compensated'] / min(compensated):.3f}"
                 )
         if math.isclose(budget, 0.75):
-            ratio = searched["ppl_compensated"] / dense
+            ratio = chosen["ppl_compensated"] / dense
             verdicts.append(
                 f"75%: chosen + compensation / dense = {ratio:.3f} (goal <= {THREE_QUARTER_GOAL}: "
                 f"{'met' if ratio <= THREE_QUARTER_GOAL else 'MISSED'})"

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from anyshape.cli.app import JsonOpt, app
+from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME
 from anyshape.evaluate import harness
 from anyshape.evaluate.perplexity import MAX_TOKENS
@@ -40,19 +41,9 @@ def report(
             show_default=False,
         ),
     ] = None,
-    include_path: Annotated[
-        Path | None,
-        typer.Option(help="For --tasks: a folder of task YAML files of your own.", metavar="DIR", show_default=False),
-    ] = None,
-    limit: Annotated[
-        int | None,
-        typer.Option(
-            help="For --tasks: only the first N documents of each task.", min=1, metavar="N", show_default=False
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option(help="For --tasks: requests per forward pass.", min=1, metavar="N")
-    ] = harness.BATCH_SIZE,
+    include_path: IncludePathOpt = None,
+    limit: LimitOpt = None,
+    batch_size: BatchSizeOpt = harness.BATCH_SIZE,
     data: Annotated[
         Path | None,
         typer.Option(

@@ -4,7 +4,7 @@ Stages, each resumable (`compress.stages`):
     scores     activation importance of every unit on calibration windows
     layers     a ranking of the layers (block importance from the scores, or `drop` / `dp`)
     search-B   for each budget B, a search of the Shapes of the sorted model within
-               [(1 - band) B, B] parameters, minimising proxy perplexity; the best is chosen
+               [(1 - band) B, B] parameters, minimising proxy perplexity
     member-B   the candidates with the lowest proxy perplexity (the search's Shapes and the
                single-axis heuristics at B) are compensated; the best on held-out windows,
                compensated when that helps, is exported
@@ -371,9 +371,9 @@ def candidates(
         if shape is not None
         and shape.num_parameters(context.config, context.embeddings) >= (1 - context.settings.band) * high
     }
-    ranked = [("search", trial.shape, trial.quality) for trial in result.trials]
-    ranked += [(name, shape, quality(shape)) for name, shape in in_band.items()]
-    return sorted(ranked, key=lambda c: (c[2], c[1].num_parameters(context.config)))
+    ranked = {trial.shape: ("search", trial.shape, trial.quality) for trial in result.trials}  # each Shape once
+    ranked.update({shape: (name, shape, quality(shape)) for name, shape in in_band.items() if shape not in ranked})
+    return sorted(ranked.values(), key=lambda c: (c[2], c[1].num_parameters(context.config)))
 
 
 def run_eval(

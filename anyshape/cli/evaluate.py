@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
-from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt
+from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
 from anyshape.evaluate import harness
 from anyshape.evaluate import perplexity as ppl_protocol
@@ -47,14 +47,7 @@ def evaluate(
     max_tokens: Annotated[
         int, typer.Option(help="For --ppl: tokens of the text to use.", min=2)
     ] = ppl_protocol.MAX_TOKENS,
-    tasks: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated lm-eval task names, from lm-eval or --include-path: zero-shot accuracy.",
-            metavar="TASKS",
-            show_default=False,
-        ),
-    ] = None,
+    tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     limit: LimitOpt = None,
     batch_size: BatchSizeOpt = harness.BATCH_SIZE,

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from anyshape.cli.app import JsonOpt, app
-from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt
+from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME
 from anyshape.evaluate import harness
 from anyshape.evaluate.perplexity import MAX_TOKENS
@@ -33,14 +33,7 @@ def report(
         Path,
         typer.Argument(help="A family folder written by `anyshape compress`.", metavar="FAMILY", show_default=False),
     ],
-    tasks: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated lm-eval task names, from lm-eval or --include-path. Default: no tasks.",
-            metavar="TASKS",
-            show_default=False,
-        ),
-    ] = None,
+    tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     limit: LimitOpt = None,
     batch_size: BatchSizeOpt = harness.BATCH_SIZE,

@@ -7,6 +7,14 @@ from typing import Annotated
 
 import typer
 
+TasksOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated lm-eval task names, from lm-eval or --include-path: zero-shot accuracy.",
+        metavar="TASKS",
+        show_default=False,
+    ),
+]
 IncludePathOpt = Annotated[
     Path | None,
     typer.Option(help="For --tasks: a folder of task YAML files of your own.", metavar="DIR", show_default=False),

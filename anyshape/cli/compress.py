@@ -10,6 +10,7 @@ import typer
 
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.calibration import DataOpt, SeedOpt
+from anyshape.cli.search import AlignOpt
 from anyshape.compress.pipeline import CompressSettings, compress
 from anyshape.compress.report import describe
 from anyshape.search.space import parse_fractions
@@ -39,6 +40,7 @@ def compress_command(
     fractions: Annotated[str, typer.Option(help="Grid of sizes per axis, as fractions of the parent.")] = (
         "0.25,0.375,0.5,0.625,0.75,0.875,1"
     ),
+    align: AlignOpt = DEFAULTS.align,
     depth_method: Annotated[str, typer.Option(help="Layer ranking: bi, drop or dp.")] = DEFAULTS.depth_method,
     algorithm: Annotated[str, typer.Option(help="Search: nsga2, bins or random.")] = DEFAULTS.algorithm,
     trials: Annotated[int, typer.Option(help="Shapes evaluated per budget.", min=1)] = DEFAULTS.trials,
@@ -101,6 +103,7 @@ def compress_command(
         search_sequences=search_sequences,
         search_length=search_length,
         fractions=parse_fractions(fractions),
+        align=align,
         depth_method=depth_method,
         algorithm=algorithm,
         trials=trials,

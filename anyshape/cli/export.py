@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -78,6 +79,13 @@ def export(
         record["bytes"] = out.stat().st_size
         types = Counter(tensor.tensor_type.name.lower() for tensor in gguf.GGUFReader(out).tensors)
         record["tensor_types"] = dict(sorted(types.items()))
+        if outtype == "q8_0" and "f16" in types:
+            print(
+                f"note: {types['f16']} matrices are stored as f16, not q8_0: their rows are not whole 32-value "
+                "blocks (Shapes whose hidden and MLP sizes are multiples of 32 quantise fully: search and "
+                "compress choose such sizes with --align 32)",
+                file=sys.stderr,
+            )
     emit(record, as_json)
 
 

@@ -18,10 +18,16 @@ from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.load import load, load_config, resolve
 from anyshape.search.algorithms import ALGORITHMS, search
 from anyshape.search.objectives import COSTS, QUALITIES, LatencyTable, Quality, cost_functions
-from anyshape.search.space import SearchSpace, parse_fractions
+from anyshape.search.space import DEFAULT_ALIGN, SearchSpace, parse_fractions
 from anyshape.shape import Shape
 
 UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
+AlignOpt = Annotated[
+    int,
+    typer.Option(
+        help="Hidden and MLP sizes are multiples of this (32: llama.cpp's quantisation block; 1: any size).", min=1
+    ),
+]
 
 
 def parse_count(text: str, config: LlamaFamilyConfig, option: str) -> float:
@@ -79,6 +85,7 @@ def search_command(
     fractions: Annotated[str, typer.Option(help="Grid of sizes per axis, as fractions of the parent.")] = (
         "0.25,0.375,0.5,0.625,0.75,0.875,1"
     ),
+    align: AlignOpt = DEFAULT_ALIGN,
     data: DataOpt = None,
     num_sequences: Annotated[int, typer.Option(help="Calibration windows for the quality.", min=1)] = 8,
     sequence_length: Annotated[int, typer.Option(help="Tokens per window.", min=2)] = 256,
@@ -112,7 +119,7 @@ def search_command(
         bounds["params"] = (low, high)
     if max_latency_ms is not None:
         bounds["latency"] = (None, max_latency_ms)
-    smallest = SearchSpace.from_fractions(config, grid).smallest().num_parameters(config)
+    smallest = SearchSpace.from_fractions(config, grid, align=align).smallest().num_parameters(config)
     if "params" in bounds and bounds["params"][1] is not None and bounds["params"][1] < smallest:
         raise typer.BadParameter(
             f"no Shape of the search space has at most {bounds['params'][1]:,.0f} parameters; the smallest has "
@@ -127,7 +134,7 @@ def search_command(
         if scores is not None:
             sorted_scores = sort_(elastic, sorted_scores)
         ranking = sorted_scores.layers.argsort(descending=True, stable=True).tolist()
-    space = SearchSpace.from_fractions(config, grid, ranking)
+    space = SearchSpace.from_fractions(config, grid, ranking, align)
     needs_latency = "latency" in costs or "prefill" in costs or "latency" in bounds
     table = (
         LatencyTable(latency_table.expanduser(), str(resolve(model)), device, prompt_tokens) if needs_latency else None

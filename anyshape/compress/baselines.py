@@ -12,16 +12,21 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from anyshape.model.config import LlamaFamilyConfig
+from anyshape.search.space import DEFAULT_ALIGN, aligned_widths
 from anyshape.shape import Shape
 
 HEURISTICS = ("mlp-only", "hidden-only", "depth-only")
 
 
 def single_axis_shapes(
-    config: LlamaFamilyConfig, max_params: float, embeddings: bool, layer_ranking: Sequence[int]
+    config: LlamaFamilyConfig,
+    max_params: float,
+    embeddings: bool,
+    layer_ranking: Sequence[int],
+    align: int = DEFAULT_ALIGN,
 ) -> dict[str, Shape | None]:
     """The largest Shape of each heuristic with at most `max_params` parameters
-    (`embeddings=False`: counted without the embedding matrices)."""
+    (`embeddings=False`: counted without the embedding matrices), widths multiples of `align`."""
     full = Shape.full(config)
 
     def fits(shape: Shape) -> bool:
@@ -31,8 +36,10 @@ def single_axis_shapes(
         return next((shape for shape in candidates if fits(shape)), None)
 
     return {
-        "mlp-only": largest([replace(full, intermediate_size=f) for f in range(config.intermediate_size, 0, -1)]),
-        "hidden-only": largest([replace(full, hidden_size=h) for h in range(config.hidden_size, 0, -1)]),
+        "mlp-only": largest(
+            [replace(full, intermediate_size=f) for f in aligned_widths(config.intermediate_size, align)]
+        ),
+        "hidden-only": largest([replace(full, hidden_size=h) for h in aligned_widths(config.hidden_size, align)]),
         "depth-only": largest(
             [replace(full, layers=tuple(sorted(layer_ranking[:n]))) for n in range(config.num_hidden_layers, 0, -1)]
         ),

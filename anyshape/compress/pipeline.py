@@ -53,7 +53,7 @@ from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.search.algorithms import SearchResult, search
 from anyshape.search.objectives import LatencyTable, Quality, cost_functions
 from anyshape.search.pareto import non_dominated, plot_front
-from anyshape.search.space import DEFAULT_FRACTIONS, SearchSpace
+from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS, SearchSpace
 from anyshape.shape import Shape
 
 BASES = ("total", "non-embedding")
@@ -74,6 +74,7 @@ class CompressSettings:
     search_sequences: int = 8  # proxy windows for the search's perplexity
     search_length: int = 256
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    align: int = DEFAULT_ALIGN  # hidden and MLP sizes are multiples of this
     depth_method: str = "bi"
     algorithm: str = "nsga2"
     trials: int = 40  # Shapes evaluated per budget
@@ -99,6 +100,8 @@ class CompressSettings:
             raise ShapeError(f"budgets {list(self.budgets)} must each be a fraction in (0, 1], e.g. 0.25,0.5,0.75")
         if not 0 <= self.band < 1:
             raise AnyshapeError(f"band={self.band} must be in [0, 1)")
+        if self.align < 1:
+            raise AnyshapeError(f"align={self.align} must be at least 1 (1: widths of any size)")
         if self.candidates < 1:
             raise AnyshapeError(f"candidates={self.candidates} must be at least 1 (1: the search's best Shape only)")
         return self
@@ -186,14 +189,14 @@ def compress(
 def check_budgets(config: LlamaFamilyConfig, settings: CompressSettings) -> None:
     """Raises ShapeError if a budget is below the smallest Shape of the search space."""
     embeddings = settings.budget_basis == "total"
-    smallest = SearchSpace.from_fractions(config, settings.fractions).smallest()
+    smallest = SearchSpace.from_fractions(config, settings.fractions, align=settings.align).smallest()
     reachable = smallest.num_parameters(config, embeddings) / Shape.full(config).num_parameters(config, embeddings)
     low = min(settings.budgets)
     if low < reachable:
         raise ShapeError(
             f"budget {low:g} is below the smallest Shape of the search space, "
             f"{reachable:.4f} of the parent's {settings.budget_basis} parameters; the smallest reachable "
-            f"budget is {math.ceil(reachable * 1000) / 1000:g} (or add smaller --fractions)"
+            f"budget is {math.ceil(reachable * 1000) / 1000:g} (or add smaller --fractions or a smaller --align)"
         )
 
 
@@ -284,11 +287,11 @@ def run_search(context: Context, budget: float, ranking: list[int], layers_key: 
     stage = f"search-{budget:g}"
     key = input_hash(
         layers=layers_key, budget=budget, basis=s.budget_basis, band=s.band, algorithm=s.algorithm,
-        trials=s.trials, seed=s.seed, search=(s.search_sequences, s.search_length),
+        trials=s.trials, seed=s.seed, search=(s.search_sequences, s.search_length), align=s.align,
     )  # fmt: skip
     reused = context.stages.done(stage, key)
     if not reused:
-        space = SearchSpace.from_fractions(context.config, s.fractions, ranking)
+        space = SearchSpace.from_fractions(context.config, s.fractions, ranking, s.align)
         cost = "params" if context.embeddings else "params_non_embedding"
         high = budget * context.parent_params()
         bounds = {cost: ((1 - s.band) * high, high)}
@@ -364,7 +367,7 @@ def candidates(
     search's grid (e.g. exactly the MLP width that fills the budget), so they are worth a try."""
     quality = Quality(model(context), context.check_ids)
     high = budget * context.parent_params()
-    heuristics = single_axis_shapes(context.config, high, context.embeddings, ranking)
+    heuristics = single_axis_shapes(context.config, high, context.embeddings, ranking, context.settings.align)
     in_band = {
         name: shape
         for name, shape in heuristics.items()
@@ -402,7 +405,7 @@ def run_eval(
             "ppl": _ppl(exported, context.eval_ids),
             "ppl_plain": _ppl(elastic, context.eval_ids, shape),
         }
-        baselines = single_axis_shapes(config, budget * context.parent_params(), context.embeddings, ranking)
+        baselines = single_axis_shapes(config, budget * context.parent_params(), context.embeddings, ranking, s.align)
         record["baselines"] = {
             name: None
             if heuristic is None

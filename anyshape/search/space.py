@@ -6,7 +6,9 @@ Axes, each a fraction of the parent's size (rounded, at least 1, duplicates remo
     num_key_value_heads  G'
     queries_per_group    q'; a Shape's num_attention_heads is G' q'
     intermediate_size    F'
-Every point of the grid is a valid, uniform Shape.
+Every point of the grid is a valid, uniform Shape. The widths H' and F' are rounded to multiples
+of `align` (32 by default: llama.cpp quantises rows in blocks of 32 values and stores a matrix
+whose rows are not whole blocks unquantised, so an unaligned Shape deploys larger and slower).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from anyshape.model.config import LlamaFamilyConfig
 from anyshape.shape import Shape
 
 DEFAULT_FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+DEFAULT_ALIGN = 32
+WIDTH_AXES = ("hidden_size", "intermediate_size")
 AXES = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "queries_per_group", "intermediate_size")
 
 
@@ -34,6 +38,21 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     if not values or not all(0 < value <= 1 for value in values):
         raise ShapeError(f"fractions {text!r} must each be in (0, 1], e.g. 0.25,0.5,0.75,1")
     return values
+
+
+def aligned(size: float, parent: int, align: int) -> int:
+    """`size` rounded to the nearest multiple of `align`, within [align, parent]; the parent's own
+    size is allowed as it is (aligned or not), and a parent narrower than `align` is not aligned."""
+    if parent <= align:
+        return max(1, min(parent, round(size)))
+    return min(parent, max(align, align * round(size / align)))
+
+
+def aligned_widths(parent: int, align: int) -> list[int]:
+    """Every width a Shape may take on an axis of `parent` units, largest first."""
+    if parent <= align:
+        return list(range(parent, 0, -1))
+    return [parent, *(w for w in range(parent - parent % align, 0, -align) if w != parent)]
 
 
 def layer_sets_from_ranking(ranking: Sequence[int], depths: Sequence[int]) -> dict[int, tuple[int, ...]]:
@@ -56,9 +75,12 @@ class SearchSpace:
         config: LlamaFamilyConfig,
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         layer_ranking: Sequence[int] | None = None,
+        align: int = DEFAULT_ALIGN,
     ) -> SearchSpace:
-        """The grid of `fractions` on every axis; depth n keeps the n best layers of
-        `layer_ranking` (most important first), or the first n when it is None."""
+        """The grid of `fractions` on every axis, widths as multiples of `align`; depth n keeps the
+        n best layers of `layer_ranking` (most important first), or the first n when it is None."""
+        if align < 1:
+            raise ShapeError(f"align={align} must be at least 1 (1: widths of any size)")
         sizes = {
             "num_hidden_layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size,
@@ -66,7 +88,17 @@ class SearchSpace:
             "queries_per_group": config.queries_per_group,
             "intermediate_size": config.intermediate_size,
         }
-        options = {axis: tuple(sorted({max(1, round(f * size)) for f in fractions})) for axis, size in sizes.items()}
+        options = {
+            axis: tuple(
+                sorted(
+                    {
+                        aligned(f * size, size, align) if axis in WIDTH_AXES else max(1, round(f * size))
+                        for f in fractions
+                    }
+                )
+            )
+            for axis, size in sizes.items()
+        }
         ranking = list(layer_ranking) if layer_ranking is not None else list(range(config.num_hidden_layers))
         if sorted(ranking) != list(range(config.num_hidden_layers)):
             raise ShapeError(

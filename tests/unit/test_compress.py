@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -104,7 +105,7 @@ def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path)
 def test_impossible_budget_names_the_smallest_reachable_one(capsys, tiny_dir, tmp_path):
     assert_bad_input(
         capsys, ["compress", tiny_dir(PARENT), "--out", tmp_path / "f", "--budgets", "0.01"],
-        "budget 0.01", "smallest reachable budget is 0.056",
+        "budget 0.01", "smallest reachable budget is 0.115", "smaller --align",
     )  # fmt: skip
     assert not (tmp_path / "f").exists()
 
@@ -127,13 +128,27 @@ def test_single_axis_heuristics_are_the_largest_that_fit(tiny_dir):
     model = anyshape.load(tiny_dir(PARENT))
     config = model.config
     budget = 0.6 * model.full_shape.num_parameters(config)
-    shapes = single_axis_shapes(config, budget, True, [3, 0, 2, 1])
+    shapes = single_axis_shapes(config, budget, True, [3, 0, 2, 1], align=1)
     assert shapes["depth-only"].layers == (0, 3)
     assert shapes["mlp-only"] is None  # attention and embeddings alone exceed 60%
     hidden = shapes["hidden-only"]
     assert hidden.num_parameters(config) <= budget
     bigger = anyshape.Shape(hidden.layers, hidden.hidden_size + 1, 8, 2, 96)
     assert bigger.num_parameters(config) > budget
+
+
+def test_single_axis_heuristics_keep_widths_aligned(tiny_dir):
+    config = dataclasses.replace(anyshape.load_config(tiny_dir(PARENT)), hidden_size=256, intermediate_size=1000)
+    full = anyshape.Shape.full(config)
+    budget = 0.6 * full.num_parameters(config, embeddings=False)
+    for align in (1, 32):
+        shapes = single_axis_shapes(config, budget, False, [0, 1, 2, 3], align)
+        mlp, hidden = shapes["mlp-only"], shapes["hidden-only"]
+        assert mlp.intermediate_size % align == 0 and hidden.hidden_size % align == 0
+        for shape, axis in ((mlp, "intermediate_size"), (hidden, "hidden_size")):
+            assert shape.num_parameters(config, embeddings=False) <= budget
+            wider = dataclasses.replace(shape, **{axis: getattr(shape, axis) + align})
+            assert wider.num_parameters(config, embeddings=False) > budget  # the largest that fits
 
 
 def test_search_command_writes_a_front_within_the_bounds(capsys, tiny_dir, text, tmp_path):
@@ -183,9 +198,10 @@ def test_the_member_is_the_best_compensated_candidate(tiny_dir, text, tmp_path):
         ranking = json.loads((tmp_path / "family" / "stages" / "layers.json").read_text())["ranking"]
         heuristics = single_axis_shapes(parent.config, member["budget"] * full, True, ranking)
         in_band = {
-            name
+            name: shape.to_dict()
             for name, shape in heuristics.items()
             if shape is not None
             and shape.num_parameters(parent.config) >= (1 - settings.band) * member["budget"] * full
         }
-        assert in_band <= {c["source"] for c in tried} <= {"search", *in_band}
+        assert all(shape in [c["shape"] for c in tried] for shape in in_band.values())  # as itself or as searched
+        assert {c["source"] for c in tried} <= {"search", *in_band}

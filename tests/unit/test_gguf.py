@@ -526,6 +526,7 @@ def test_export_command_writes_gguf(capsys, parent, parent_dir, tmp_path):
     status, stdout, err = run(capsys, *args[:-3], "q8_0", "--out", out, "--force", "--json")
     assert status == 0, err
     assert json.loads(stdout)["tensor_types"] == {"f16": 2, "f32": 5, "q8_0": 14}  # ffn_down: rows of 33
+    assert "2 matrices are stored as f16, not q8_0" in err and "--align 32" in err
 
 
 def test_export_command_writes_hf(capsys, parent, parent_dir, tmp_path):

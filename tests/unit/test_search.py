@@ -1,5 +1,6 @@
 """Search space, algorithms and Pareto fronts on a tiny model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from anyshape import DataError, ShapeError
 from anyshape.search.algorithms import SearchResult, search
 from anyshape.search.objectives import LatencyTable, Quality, cost_functions
 from anyshape.search.pareto import dominates, non_dominated, plot_front
-from anyshape.search.space import SearchSpace, parse_fractions
+from anyshape.search.space import SearchSpace, aligned_widths, parse_fractions
 
 CALIBRATION = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -22,7 +23,7 @@ def model(tiny_dir):
 
 @pytest.fixture(scope="module")
 def space(model):
-    return SearchSpace.from_fractions(model.config, (0.25, 0.5, 0.75, 1.0), layer_ranking=[2, 0, 3, 1])
+    return SearchSpace.from_fractions(model.config, (0.25, 0.5, 0.75, 1.0), layer_ranking=[2, 0, 3, 1], align=8)
 
 
 def test_space_grid_and_layer_sets(model, space):
@@ -37,6 +38,18 @@ def test_space_grid_and_layer_sets(model, space):
     params = [s.num_parameters(model.config) for s in shapes]
     assert space.smallest().num_parameters(model.config) == min(params)
     assert space.largest() == model.full_shape
+
+
+def test_widths_are_aligned_except_the_parents_own(model):
+    wide = dataclasses.replace(model.config, hidden_size=600, intermediate_size=1536)  # 600 = 18 x 32 + 24
+    space = SearchSpace.from_fractions(wide, (0.25, 0.5, 0.875, 1.0), align=32)
+    assert space.options["hidden_size"] == (160, 288, 512, 600)  # 150 -> 160, 300 -> 288, 525 -> 512
+    assert space.options["intermediate_size"] == (384, 768, 1344, 1536)
+    assert SearchSpace.from_fractions(model.config, (0.25, 0.5, 1.0), align=32).options["hidden_size"] == (32, 64)
+    assert aligned_widths(600, 32)[:3] == [600, 576, 544] and aligned_widths(600, 32)[-1] == 32
+    assert aligned_widths(20, 32) == list(range(20, 0, -1))  # narrower than a block: any width
+    with pytest.raises(ShapeError, match="at least 1"):
+        SearchSpace.from_fractions(model.config, align=0)
 
 
 def test_bad_fractions_and_rankings(model):

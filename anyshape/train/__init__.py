@@ -1,0 +1,1 @@
+"""One-for-all elastic training: data, sampling, distillation, adapters, the loop."""

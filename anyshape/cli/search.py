@@ -10,10 +10,9 @@ import typer
 
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.calibration import BatchSizeOpt, DataOpt, SeedOpt, read_calibration
-from anyshape.cli.sort import SCORES_FILENAME
 from anyshape.compress.report import describe
 from anyshape.importance.permute import sort_
-from anyshape.importance.scores import Scores
+from anyshape.importance.scores import Scores, scores_beside
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.load import load, load_config, resolve
 from anyshape.search.algorithms import ALGORITHMS, search
@@ -126,7 +125,7 @@ def search_command(
             f"{smallest:,} ({smallest / Shape.full(config).num_parameters(config):.3f} of the parent)",
             param_hint="--max-params",
         )
-    sorted_scores = Scores.load(scores, config) if scores is not None else _scores_beside(model, config)
+    sorted_scores = Scores.load(scores, config) if scores is not None else scores_beside(resolve(model), config)
     input_ids = read_calibration(model, data, num_sequences, sequence_length, seed)
     elastic = load(model).to(torch.device(device))
     ranking = None
@@ -166,9 +165,3 @@ def search_command(
             for t in front
         }  # fmt: skip
     emit(record, as_json)
-
-
-def _scores_beside(model: str, config: LlamaFamilyConfig) -> Scores | None:
-    """The scores `anyshape sort` leaves in a sorted folder (already in its order), if any."""
-    path = resolve(model)
-    return Scores.load(path / SCORES_FILENAME, config) if path.is_dir() and (path / SCORES_FILENAME).is_file() else None

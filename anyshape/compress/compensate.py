@@ -137,4 +137,4 @@ def refit_projection(branch: Branch, inputs: list[Tensor], targets: list[Tensor]
     regularised = gram + lam * torch.eye(width, dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(regularised, cross + lam * plain.T)  # W^T (K, H')
     projection.weight.copy_(solution.T)
-    return [projection(features) for features in activations]
+    return [F.linear(features, projection.weight, projection.bias) for features in activations]

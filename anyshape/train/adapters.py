@@ -1,0 +1,149 @@
+"""Adapters on the frozen base: LoRA and SMOL (a Shape-aware mixture of LoRAs, AmoebaLLM).
+
+Each adapter hangs on one `ElasticLinear` projection (its `adapter` slot) and adds a low-rank
+update computed on the same slices as the base weight: A (r, in) is cut along the base's input
+axis, B (out, r) along its output axis, so for every Shape
+
+    slice(W + s B A) = slice(W) + s slice(B) slice(A)          s = alpha / r
+
+and merging into the base weight is exact. SMOL keeps E such (A_e, B_e) pairs per projection and
+a gate that maps the active Shape's widths to a weight per expert (softmax over the top k, the
+rest zero), so different Shapes use different experts and conflict less.
+
+peft's LoRA layers run their base layer on full-width inputs; the sliced forward here needs A and
+B cut with the base weight, so the adapters are written here (about 100 lines).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anyshape.errors import AnyshapeError
+from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.llama import ElasticLinear, ElasticLlama
+from anyshape.model.slicing import axes_of, slice_along
+from anyshape.shape import Shape
+
+ADAPTERS = ("full", "lora", "smol")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def shape_features(shape: Shape, config: LlamaFamilyConfig) -> Tensor:
+    """(5,) the Shape's size on each elastic axis as a fraction of the parent's: depth, hidden,
+    KV groups, query heads per group, MLP neurons (the gate's input)."""
+    return torch.tensor(
+        [
+            len(shape.layers) / config.num_hidden_layers,
+            shape.hidden_size / config.hidden_size,
+            shape.num_key_value_heads / config.num_key_value_heads,
+            shape.queries_per_group / config.queries_per_group,
+            shape.intermediate_size / config.intermediate_size,
+        ]
+    )
+
+
+class LoRA(nn.Module):
+    """E low-rank updates of one projection and how they are mixed for a Shape.
+
+    lora_A (E, r, in), lora_B (E, out, r), B zero at the start (the update starts at 0). With
+    E = 1 this is LoRA; with E > 1 it is SMOL: `gate` maps `shape_features` to E logits, and the
+    Shape's mixture is the softmax over its `top_k` largest logits.
+    """
+
+    def __init__(self, base: ElasticLinear, rank: int, alpha: float, experts: int = 1, top_k: int = 1):
+        super().__init__()
+        if rank < 1 or experts < 1 or not 1 <= top_k <= experts:
+            raise AnyshapeError(
+                f"need rank >= 1, experts >= 1 and 1 <= top_k <= experts; got rank={rank}, experts={experts}, "
+                f"top_k={top_k}"
+            )
+        self.config = base.config
+        self.out_axis, self.in_axis = axes_of(f"{base.name}.weight")
+        self.scale, self.top_k = alpha / rank, top_k
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(experts, rank, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(experts, base.out_features, rank, **like))
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and peft initialise A
+        self.gate = nn.Linear(5, experts, **like) if experts > 1 else None
+
+    def mixture(self, shape: Shape) -> Tensor:
+        """(E,) the weight of each expert for `shape`: 1 for plain LoRA."""
+        if self.gate is None:
+            return self.lora_A.new_ones(1)
+        logits = self.gate(shape_features(shape, self.config).to(self.lora_A))  # (E,)
+        top = logits.topk(self.top_k)
+        return torch.zeros_like(logits).scatter(0, top.indices, top.values.softmax(0))
+
+    def forward(self, x: Tensor, shape: Shape) -> Tensor:
+        """x (B, T, in') -> the update (B, T, out'): s sum_e g_e B_e' A_e' x."""
+        a = slice_along(self.lora_A, (None, None, self.in_axis), self.config, shape)  # (E, r, in')
+        b = slice_along(self.lora_B, (None, self.out_axis, None), self.config, shape)  # (E, out', r)
+        weights = self.mixture(shape)
+        update = 0
+        for e in weights.nonzero().flatten().tolist():  # only the Shape's experts run
+            update = update + weights[e] * F.linear(F.linear(x, a[e]), b[e])
+        return self.scale * update
+
+    def delta_weight(self, shape: Shape) -> Tensor:
+        """(out, in) the full-width update s sum_e g_e B_e A_e for `shape`'s mixture; its Shape
+        slice is the sliced update, so adding it to the base weight merges exactly."""
+        return self.scale * torch.einsum("e,eor,eri->oi", self.mixture(shape), self.lora_B, self.lora_A)
+
+
+def projections(model: ElasticLlama) -> Iterator[tuple[str, ElasticLinear]]:
+    """(qualified name, projection) of every q/k/v/o/gate/up/down projection."""
+    for name, module in model.named_modules():
+        if isinstance(module, ElasticLinear):
+            yield name, module
+
+
+def add_adapters(
+    model: ElasticLlama,
+    kind: str,
+    rank: int = 16,
+    alpha: float | None = None,
+    experts: int = 4,
+    top_k: int = 1,
+    targets: tuple[str, ...] = PROJECTIONS,
+) -> list[nn.Parameter]:
+    """Prepares `model` for training with `kind` (full, lora or smol) and returns the trainable
+    parameters. lora and smol freeze the base and add a LoRA (one expert) or SMOL (`experts`)
+    adapter on each `targets` projection; alpha defaults to 2 x rank."""
+    if kind not in ADAPTERS:
+        raise AnyshapeError(f"unknown adapter {kind!r}; choose one of {', '.join(ADAPTERS)}")
+    unknown = sorted(set(targets) - set(PROJECTIONS))
+    if unknown:
+        raise AnyshapeError(f"unknown adapter targets {unknown}; choose among {', '.join(PROJECTIONS)}")
+    if kind == "full":
+        return [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    alpha = 2.0 * rank if alpha is None else alpha
+    for _, projection in projections(model):
+        if projection.name in targets:
+            n = experts if kind == "smol" else 1
+            projection.adapter = LoRA(projection, rank, alpha, n, min(top_k, n))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def has_adapters(model: ElasticLlama) -> bool:
+    return any(projection.adapter is not None for _, projection in projections(model))
+
+
+@torch.no_grad()
+def merged(model: ElasticLlama, shape: Shape) -> ElasticLlama:
+    """A copy of `model` with every adapter folded into its base weight for `shape` (SMOL's
+    mixture depends on the Shape), and no adapters: a plain model whose `shape` slice computes
+    what the adapted model computes at `shape`."""
+    plain = copy.deepcopy(model)
+    for _, projection in projections(plain):
+        if projection.adapter is not None:
+            projection.weight += projection.adapter.delta_weight(shape)
+            projection.adapter = None
+    return plain

@@ -1,0 +1,79 @@
+"""A run's checkpoint: written atomically, read back to resume exactly or to use the model.
+
+    RUN/train.json                    settings, the parent and the search space (written at start)
+    RUN/checkpoint/weights.safetensors  the trainable parameters (all of them, or the adapters)
+    RUN/checkpoint/optimizer.pt       AdamW's state, keyed by parameter name (weights_only load)
+    RUN/checkpoint/state.json         step, scheduler and loss-balancer state
+    RUN/metrics.jsonl                 one line per logged step and per evaluation
+
+The state dicts go through torch.distributed.checkpoint.state_dict, which gathers DDP and FSDP
+models alike into plain, full, name-keyed tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from anyshape.errors import CheckpointError
+from anyshape.files import atomic_directory
+from anyshape.model.llama import ElasticLlama
+
+CHECKPOINT = "checkpoint"
+WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def save_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Writes RUN/checkpoint/ (replacing the previous one only once complete). Every process of
+    a distributed run calls it; rank 0 writes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    names = trainable_names(model)
+    weights = {name: tensor.contiguous() for name, tensor in model_state.items() if name in names}
+    with atomic_directory(run / CHECKPOINT, overwrite=True) as folder:
+        save_file(weights, folder / WEIGHTS)
+        torch.save(optimizer_state, folder / OPTIMIZER)
+        (folder / STATE).write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Loads the trainable weights (and the optimizer's state) into `model`; returns state.json."""
+    folder = run / CHECKPOINT
+    if not (folder / STATE).is_file():
+        raise CheckpointError(f"{run} has no finished checkpoint yet ({folder / STATE} is missing); start it again")
+    weights = load_file(folder / WEIGHTS)
+    missing = sorted(trainable_names(model) - set(weights))
+    if missing:
+        raise CheckpointError(f"{folder / WEIGHTS} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    if optimizer is None:
+        set_state_dict(model, (), model_state_dict=weights, optim_state_dict={}, options=options)
+    else:
+        optimizer_state = torch.load(folder / OPTIMIZER, weights_only=True)
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state, options=options)
+    return json.loads((folder / STATE).read_text())
+
+
+def load_run(run: Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
+    """The trained model of RUN: its parent with the run's adapters and trained weights."""
+    from anyshape.model.load import load
+    from anyshape.train.adapters import add_adapters
+    from anyshape.train.settings import read_settings
+
+    settings = read_settings(run)
+    model = load(settings.model, dtype=dtype)
+    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
+    load_checkpoint(run, model)
+    return model.requires_grad_(False).eval()

@@ -1,0 +1,364 @@
+"""One-for-all elastic training: every step trains the sampled Shapes on the same batch.
+
+Per optimizer step and accumulation micro-batch (x, (b, S) token ids):
+  1. the largest Shape's logits t = f(x; largest), without gradients: the in-place teacher;
+  2. each smaller Shape k: loss_k = KD(f(x; k), t) (or next-token loss with kd none), scaled
+     by the loss balancer, backward (gradients accumulate in the shared weights);
+  3. the largest Shape: loss = next-token loss, backward.
+Then gradient clipping, a skip (said in the log) when the gradient is not finite, AdamW, and
+the warmup + cosine learning rate. Under DDP the smaller Shapes' backward passes run in
+`no_sync()` and the largest's last, so gradients are all-reduced once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anyshape.data.text import default_text
+from anyshape.errors import AnyshapeError
+from anyshape.evaluate.perplexity import mean_nll
+from anyshape.importance.scores import scores_beside
+from anyshape.model.load import load, load_tokenizer, resolve
+from anyshape.search.space import SearchSpace
+from anyshape.shape import Shape
+from anyshape.train.adapters import add_adapters
+from anyshape.train.checkpoint import load_checkpoint, save_checkpoint
+from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
+from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
+from anyshape.train.sampling import ShapeSampler
+from anyshape.train.settings import RUN_FILE, TrainSettings, read_settings
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def learning_rate_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `floor` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    settings: TrainSettings,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+    progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Runs (or, with `resume`, continues) the training that `settings` describe in
+    `settings.out`; returns the last logged metrics. `on_step(step)` runs after each finished
+    optimizer step (steps count from 1). A KeyboardInterrupt saves a checkpoint of the last
+    finished step before it propagates."""
+    settings.check()
+    run = Path(settings.out)
+    world = Distributed.from_environment()
+    _prepare_run(run, settings, resume, overwrite, world)
+    device = _device(world)
+    if world.enabled and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(settings.seed)  # the adapters' initialisation
+
+    model = load(settings.model).to(device)
+    space = _space(settings, model)
+    sampler = ShapeSampler(
+        space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
+        settings.seed,
+    )  # fmt: skip
+    trainable = add_adapters(
+        model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k
+    )
+    data = _training_data(settings, model.config.hf.max_position_embeddings)
+    micro_batch = settings.batch_size // settings.grad_accum
+    if micro_batch % world.world_size:
+        raise AnyshapeError(
+            f"batch_size / grad_accum = {micro_batch} sequences must split evenly over {world.world_size} processes; "
+            "choose a batch size that is a multiple of grad_accum x the number of processes"
+        )
+    batches = Batches(data.train, micro_batch, settings.seed)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio),
+    )
+    balancer = LossBalancer()
+    wrapped = _wrap(model, device, world, find_unused=settings.adapter != "full")
+
+    step = 0
+    if resume:
+        state = load_checkpoint(run, wrapped, optimizer)
+        step = state["step"]
+        schedule.load_state_dict(state["schedule"])
+        balancer.load_state_dict(state["balancer"])
+        log(f"resuming {run} at step {step} of {settings.steps}")
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            run, wrapped, optimizer,
+            {"step": step, "schedule": schedule.state_dict(), "balancer": balancer.state_dict()},
+        )  # fmt: skip
+
+    autocast = _autocast(settings.precision, device)
+    metrics: dict[str, Any] = {}
+    bar = _progress(progress and world.rank == 0, settings.steps, step)
+    saved = step
+    if step == 0:  # the zero-shot baseline every later evaluation compares with
+        _log_metrics(run, world, {"step": 0, "val_ppl": _validate(model, data.val, sampler, settings, autocast)})
+    try:
+        while step < settings.steps:
+            started = time.perf_counter()
+            shapes = sampler.shapes(step)
+            losses, seconds = _step(wrapped, shapes, batches, step, settings, world, device, autocast, balancer)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
+            skipped = not torch.isfinite(norm)
+            if skipped:
+                log(f"step {step + 1}: gradient norm {norm.item()} is not finite; the step is skipped")
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step += 1
+            tokens = settings.batch_size * settings.seq_len
+            metrics = {
+                "step": step,
+                "lr": schedule.get_last_lr()[0],
+                "loss": losses,
+                "grad_norm": norm.item(),
+                "skipped": skipped,
+                "seconds": time.perf_counter() - started,
+                "tokens_per_s": {slot: tokens / s for slot, s in seconds.items()},
+            }
+            if step % settings.eval_every == 0 or step == settings.steps:
+                metrics["val_ppl"] = _validate(model, data.val, sampler, settings, autocast)
+            if step % settings.log_every == 0 or "val_ppl" in metrics:
+                _log_metrics(run, world, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({slot: f"{value:.3g}" for slot, value in losses.items()})
+            if step % settings.save_every == 0 or step == settings.steps:
+                checkpoint()
+                saved = step
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        if step > saved:
+            checkpoint()
+        log(f"interrupted at step {step}; continue with: anyshape train --resume {run}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return metrics
+
+
+def _step(
+    model: nn.Module,
+    shapes: list[tuple[str, Shape]],
+    batches: Batches,
+    step: int,
+    settings: TrainSettings,
+    world: Distributed,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    balancer: LossBalancer,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Accumulates one optimizer step's gradients; returns the mean loss and the seconds of
+    forward + backward per slot."""
+    (teacher_slot, largest), students = shapes[0], shapes[1:]
+    losses = {slot: 0.0 for slot, _ in shapes}
+    seconds = {slot: 0.0 for slot, _ in shapes}
+    for micro in range(settings.grad_accum):
+        ids = shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size).to(device)
+        with torch.no_grad(), autocast():
+            teacher = model(ids, shape=largest)  # (b, S, V)
+        teacher_value = _mean_over_processes(lm_loss(teacher, ids), world)
+        if settings.balance_losses:
+            balancer.update(teacher_slot, teacher_value)  # the reference: updated first
+        for slot, shape in students:
+            started = time.perf_counter()
+            with _no_sync(model), autocast():
+                logits = model(ids, shape=shape)
+                if settings.kd == "none":
+                    loss = lm_loss(logits, ids)
+                else:
+                    loss = distillation_loss(settings.kd, logits, teacher)
+                value = _mean_over_processes(loss.detach(), world)
+                if settings.balance_losses:
+                    balancer.update(slot, value)
+                scale = balancer.scale(slot) if settings.balance_losses else 1.0
+                (loss * scale / settings.grad_accum).backward()
+            losses[slot] += value / settings.grad_accum
+            seconds[slot] += _synchronized(started, device)
+        started = time.perf_counter()
+        last = micro == settings.grad_accum - 1
+        with contextlib.nullcontext() if last else _no_sync(model), autocast():
+            loss = lm_loss(model(ids, shape=largest), ids)
+            (loss / settings.grad_accum).backward()
+        losses[teacher_slot] += _mean_over_processes(loss.detach(), world) / settings.grad_accum
+        seconds[teacher_slot] += _synchronized(started, device)
+    return losses, seconds
+
+
+@torch.no_grad()
+def _validate(
+    model: nn.Module, val: Tensor, sampler: ShapeSampler, settings: TrainSettings, autocast
+) -> dict[str, float]:
+    """Perplexity of the largest and smallest Shapes (and every fixed one) on the first
+    `val_batches` x batch_size held-out sequences."""
+    rows = val[: settings.val_batches * settings.batch_size].to(next(model.parameters()).device)
+    shapes = {"largest": sampler.space.largest(), "smallest": sampler.space.smallest()}
+    shapes.update({f"fixed-{i}": shape for i, shape in enumerate(sampler.fixed)})
+    was_training = model.training
+    model.eval()
+    with autocast():
+        result = {slot: math.exp(mean_nll(model, rows, shape, settings.batch_size)) for slot, shape in shapes.items()}
+    model.train(was_training)
+    return result
+
+
+def _log_metrics(run: Path, world: Distributed, metrics: dict[str, Any]) -> None:
+    if world.rank == 0:
+        with (run / METRICS).open("a") as file:
+            file.write(json.dumps(metrics) + "\n")
+
+
+def _prepare_run(run: Path, settings: TrainSettings, resume: bool, overwrite: bool, world: Distributed) -> None:
+    """Checks RUN against `resume`/`overwrite` and writes RUN/train.json for a new run."""
+    record_path = run / RUN_FILE
+    if resume:
+        if not record_path.is_file():
+            raise AnyshapeError(f"{run} is not a run folder (no {RUN_FILE}); start a new run without --resume")
+        differences = read_settings(run).differences(settings)
+        if differences:
+            raise AnyshapeError(
+                f"{run} was started with other settings ({'; '.join(differences)}); resume with the same "
+                "settings, or start a new run in another --out"
+            )
+        return
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        hint = f"continue it with --resume {run}, or " if record_path.is_file() else ""
+        raise AnyshapeError(f"{run} already exists and is not empty; {hint}choose another --out or pass --overwrite")
+    if world.rank == 0:
+        if run.exists():
+            for name in (RUN_FILE, METRICS):
+                (run / name).unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps({"settings": settings.to_dict()}, indent=1))
+    if world.enabled and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _training_data(settings: TrainSettings, context: int) -> TrainingData:
+    """Packed training and held-out sequences of seq_len tokens, tokenised once into a cache."""
+    if settings.seq_len > context:
+        raise AnyshapeError(
+            f"seq_len={settings.seq_len} is longer than the model's context of {context} tokens; "
+            f"choose --seq-len {context} or less"
+        )
+    tokenizer = load_tokenizer(settings.model)
+    cache = Path(os.environ.get("ANYSHAPE_CACHE", "~/.cache/anyshape")).expanduser() / "tokens"
+    if settings.data is None:
+        ids = tokenize_documents(tokenizer, [default_text()])
+        return split(pack(ids, settings.seq_len), settings.val_fraction, settings.seed)
+    return build_training_data(
+        tokenizer, settings.data, settings.seq_len, cache, settings.val_data, settings.val_fraction, settings.seed
+    )
+
+
+def _space(settings: TrainSettings, model: nn.Module) -> SearchSpace:
+    """The Shapes training covers: the grid of `fractions`, depth keeping the best layers by the
+    scores beside the model when there are some, else the first ones."""
+    scores = scores_beside(resolve(settings.model), model.config)
+    ranking = scores.layers.argsort(descending=True, stable=True).tolist() if scores is not None else None
+    return SearchSpace.from_fractions(model.config, settings.fractions, ranking, settings.align)
+
+
+def _device(world: Distributed) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def _wrap(model: nn.Module, device: torch.device, world: Distributed, find_unused: bool) -> nn.Module:
+    """DDP around the model in a distributed run (unused parameters found where adapters may
+    leave some without a gradient), else the model itself."""
+    if not world.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def _mean_over_processes(value: Tensor, world: Distributed) -> float:
+    if world.enabled:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world.world_size
+    return value.item()
+
+
+def _synchronized(started: float, device: torch.device) -> float:
+    """Seconds since `started`, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _progress(enabled: bool, total: int, done: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step")
+
+
+def iterate_metrics(run: Path) -> Iterator[dict[str, Any]]:
+    """The run's logged metrics, one dict per line of RUN/metrics.jsonl."""
+    path = run / METRICS
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            yield json.loads(line)

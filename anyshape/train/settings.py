@@ -1,0 +1,119 @@
+"""Everything an elastic training run depends on, recorded in RUN/train.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anyshape.errors import AnyshapeError
+from anyshape.model.load import RUN_FILE
+from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS
+from anyshape.train.adapters import ADAPTERS
+from anyshape.train.distill import KD_LOSSES
+from anyshape.train.sampling import SAMPLING
+
+PRECISIONS = ("auto", "fp32", "bf16")
+RESUMABLE = ("save_every", "eval_every", "log_every")  # may change when a run resumes
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Options of `anyshape train`; the field names are the config file's keys."""
+
+    model: str = "smollm2-135m"
+    data: str | None = None  # file, folder or cached datasets name; None: the embedded default text
+    val_data: str | None = None  # None: a held-out share (val_fraction) of data
+    out: str = "run"
+    sampling: str = "sandwich"
+    random_shapes: int = 2  # sandwich: random Shapes per step; grid: parameter bins
+    shapes: tuple[dict[str, Any], ...] = ()  # sampling fixed: the Shapes (as JSON dicts)
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    align: int = DEFAULT_ALIGN
+    kd: str = "cosine"  # a KD loss, or "none": every Shape learns the next token
+    balance_losses: bool = False
+    adapter: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: 2 x rank
+    experts: int = 4  # smol: LoRA experts per projection
+    top_k: int = 1  # smol: experts per Shape
+    steps: int = 200
+    seq_len: int = 256
+    batch_size: int = 4  # sequences per optimizer step, over all processes and accumulation
+    grad_accum: int = 1
+    lr: float | None = None  # None: 1e-4 full fine-tuning, 1e-3 adapters
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: str = "auto"  # auto: bf16 autocast on a CUDA device that has it, else fp32
+    val_fraction: float = 0.05
+    val_batches: int = 4
+    save_every: int = 50
+    eval_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.adapter == "full" else 1e-3)
+
+    def check(self) -> TrainSettings:
+        """Returns self, or raises AnyshapeError naming the bad setting and its allowed values."""
+        for name, value, allowed in (
+            ("sampling", self.sampling, SAMPLING),
+            ("kd", self.kd, (*KD_LOSSES, "none")),
+            ("adapter", self.adapter, ADAPTERS),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value not in allowed:
+                raise AnyshapeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise AnyshapeError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.seq_len < 2:
+            raise AnyshapeError(f"seq_len={self.seq_len} must be at least 2 (one token predicts the next)")
+        if self.batch_size % self.grad_accum:
+            raise AnyshapeError(
+                f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum} "
+                "(each accumulation step takes batch_size / grad_accum sequences)"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise AnyshapeError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise AnyshapeError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], source: str) -> TrainSettings:
+        """Settings from a config file's or train.json's mapping; unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise AnyshapeError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values = dict(record)
+        for name in ("shapes", "fractions"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def differences(self, other: TrainSettings) -> list[str]:
+        """'name: mine vs other' for every setting that differs, besides the resumable ones."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if k not in RESUMABLE and mine[k] != theirs[k]]
+
+
+def read_settings(run: Path) -> TrainSettings:
+    path = run / RUN_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise AnyshapeError(
+            f"{path} is unreadable ({error}); is {run} a run folder written by anyshape train?"
+        ) from None
+    return TrainSettings.from_dict(record["settings"], str(path))

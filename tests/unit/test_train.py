@@ -1,0 +1,178 @@
+"""One-for-all elastic training on a tiny model: losses, sampling, adapters, resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import anyshape
+from anyshape import AnyshapeError, Shape
+from anyshape.search.space import SearchSpace
+from anyshape.train.adapters import add_adapters, merged
+from anyshape.train.distill import KD_LOSSES, LossBalancer, distillation_loss
+from anyshape.train.elastic import iterate_metrics, learning_rate_factor, train
+from anyshape.train.sampling import ShapeSampler, parameter_bins
+from anyshape.train.settings import TrainSettings
+
+PARENT = "llama3-gqa"  # 4 layers, hidden 64, 8 query heads in 2 groups, MLP 96
+SMALL = {
+    "layers": [0, 1],
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 48,
+}
+INPUT_IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "train.txt"
+    sentences = [f"Sentence {i} says that {i % 7} plus {i % 5} is {i % 7 + i % 5}." for i in range(300)]
+    path.write_text(" ".join(sentences))
+    return path
+
+
+@pytest.fixture
+def settings(tiny_dir, text, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYSHAPE_CACHE", str(tmp_path / "cache"))
+    return TrainSettings(
+        model=str(tiny_dir(PARENT)), data=str(text), out=str(tmp_path / "run"), steps=6, seq_len=32, batch_size=4,
+        align=16, fractions=(0.5, 1.0), save_every=3, eval_every=3, warmup_steps=2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KD_LOSSES)
+def test_kd_loss_is_zero_for_equal_logits_and_has_correct_gradients(kind):
+    teacher = torch.randn(2, 3, 7, dtype=torch.float64)
+    assert distillation_loss(kind, teacher.clone(), teacher).abs().item() < 1e-6
+    student = torch.randn(2, 3, 7, dtype=torch.float64)
+    assert distillation_loss(kind, student, teacher).item() > 1e-3
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: distillation_loss(kind, s, teacher), (student,))
+
+
+def test_kd_loss_unknown_kind():
+    with pytest.raises(AnyshapeError, match="choose one of forward-kl"):
+        distillation_loss("kl", torch.zeros(1, 1, 2), torch.zeros(1, 1, 2))
+
+
+def test_loss_balancer_equalises_magnitudes_and_round_trips():
+    balancer = LossBalancer(momentum=0.5)
+    balancer.update("largest", 2.0)
+    balancer.update("smallest", 8.0)
+    assert balancer.scale("largest") == 1.0 and balancer.scale("smallest") == 0.25
+    balancer.update("smallest", 4.0)  # running mean 6
+    assert balancer.scale("smallest") == pytest.approx(2 / 6)
+    restored = LossBalancer()
+    restored.load_state_dict(json.loads(json.dumps(balancer.state_dict())))
+    assert restored.scale("smallest") == balancer.scale("smallest")
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    factors = [learning_rate_factor(step, 2, 10, 0.1) for step in range(11)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
+    assert factors[10] == pytest.approx(0.1)
+
+
+def test_sampler_sandwich_grid_and_fixed(tiny_dir):
+    config = anyshape.load_config(tiny_dir(PARENT))
+    space = SearchSpace.from_fractions(config, (0.25, 0.5, 0.75, 1.0), align=8)
+    sandwich = ShapeSampler(space, "sandwich", 3, seed=5)
+    first = sandwich.shapes(0)
+    assert [slot for slot, _ in first] == ["largest", "smallest", "random-0", "random-1", "random-2"]
+    assert first[0][1] == space.largest() and first[1][1] == space.smallest()
+    assert sandwich.shapes(0) == ShapeSampler(space, "sandwich", 3, seed=5).shapes(0)  # a function of (seed, step)
+    assert any(sandwich.shapes(s)[2:] != first[2:] for s in range(1, 5))
+    grid = ShapeSampler(space, "grid", 4)
+    params = [shape.num_parameters(config) for _, shape in grid.shapes(3)[1:]]
+    assert params == sorted(params), "one Shape per parameter bin, in bin order"
+    bins = parameter_bins(space, 4)
+    assert sum(len(b) for b in bins) == len(space)
+    fixed = ShapeSampler(space, "fixed", fixed=[Shape.from_dict(SMALL, config)])
+    assert fixed.shapes(7) == [("largest", space.largest()), ("fixed-0", Shape.from_dict(SMALL, config))]
+    with pytest.raises(AnyshapeError, match="--shapes"):
+        ShapeSampler(space, "fixed")
+
+
+@pytest.mark.parametrize("kind", ["lora", "smol"])
+def test_adapters_slice_with_the_shape_and_merge_exactly(tiny_dir, kind):
+    model = anyshape.load(tiny_dir(PARENT))
+    trainable = add_adapters(model, kind, rank=4, experts=3, top_k=2)
+    assert all(p.requires_grad for p in trainable) and not model.model.embed_tokens.weight.requires_grad
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainable:  # B starts at zero: give every adapter a non-zero update
+            parameter.normal_(0, 0.2)
+    for shape in (model.full_shape, Shape.from_dict(SMALL, model.config)):
+        with torch.no_grad():
+            adapted = model(INPUT_IDS, shape)
+            plain = merged(model, shape)
+            assert not any(p.adapter is not None for p in plain.modules() if hasattr(p, "adapter"))
+            torch.testing.assert_close(plain(INPUT_IDS, shape), adapted, atol=1e-5, rtol=1e-5)
+            assert (adapted - anyshape.load(tiny_dir(PARENT))(INPUT_IDS, shape)).abs().max() > 1e-3
+
+
+def test_every_sampled_shape_learns(settings):
+    result = train(replace(settings, steps=30, lr=3e-3, save_every=30, eval_every=30, kd="none"))
+    history = [record for record in iterate_metrics(Path(settings.out)) if "loss" in record]
+    assert len(history) == 30 and result["step"] == 30
+    for slot in ("largest", "smallest", "random-0", "random-1"):
+        losses = [record["loss"][slot] for record in history]
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < 0.8 * first, f"{slot}: mean loss {first:.3f} over the first 5 steps, {last:.3f} over the last 5"
+
+
+def test_in_place_distillation_improves_the_students(settings):
+    train(replace(settings, steps=30, lr=3e-3, save_every=30, eval_every=30, kd="forward-kl"))
+    evaluations = [record["val_ppl"] for record in iterate_metrics(Path(settings.out)) if "val_ppl" in record]
+    assert len(evaluations) == 2  # step 0 (zero-shot) and the end
+    for slot in ("largest", "smallest"):
+        assert evaluations[1][slot] < 0.8 * evaluations[0][slot], f"{slot}: {evaluations}"
+
+
+@pytest.mark.parametrize("adapter", ["full", "smol"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(settings, adapter):
+    settings = replace(settings, adapter=adapter, balance_losses=True, lora_rank=4)
+    reference = replace(settings, out=settings.out + "-reference")
+    train(reference)
+
+    def interrupt(step: int) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, on_step=interrupt)
+    assert json.loads((Path(settings.out) / "checkpoint" / "state.json").read_text())["step"] == 4
+    train(settings, resume=True)
+    resumed, uninterrupted = anyshape.load(settings.out), anyshape.load(reference.out)
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), uninterrupted.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_refuses_other_settings_and_a_new_run_refuses_an_old_one(settings):
+    train(replace(settings, steps=1))
+    with pytest.raises(AnyshapeError, match=r"other settings \(lr"):
+        train(replace(settings, steps=1, lr=0.5), resume=True)
+    with pytest.raises(AnyshapeError, match="--resume"):
+        train(replace(settings, steps=1))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "smol"])
+def test_trained_run_extracts_to_a_plain_hf_model(settings, adapter, tmp_path):
+    settings = replace(settings, adapter=adapter, steps=2, lr=1e-2, lora_rank=4)
+    train(settings)
+    model = anyshape.load(settings.out)
+    shape = Shape.from_dict(SMALL, model.config)
+    anyshape.export_hf(model, shape, tmp_path / "small")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(INPUT_IDS).logits, model(INPUT_IDS, shape), atol=1e-5, rtol=1e-5)
+        parent = anyshape.load(settings.model)
+        assert (model(INPUT_IDS, shape) - parent(INPUT_IDS, shape)).abs().max() > 1e-4, "training changed nothing"

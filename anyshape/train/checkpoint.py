@@ -30,6 +30,8 @@ WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
 
 
 def trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that train (of the model inside a DDP wrapper)."""
+    model = getattr(model, "module", model)
     return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,11 +30,12 @@ from anyshape.data.text import default_text
 from anyshape.errors import AnyshapeError
 from anyshape.evaluate.perplexity import mean_nll
 from anyshape.importance.scores import scores_beside
-from anyshape.model.load import load, load_tokenizer, resolve
+from anyshape.model.llama import ElasticLlama
+from anyshape.model.load import load, load_config, load_tokenizer, resolve
 from anyshape.search.space import SearchSpace
 from anyshape.shape import Shape
 from anyshape.train.adapters import add_adapters
-from anyshape.train.checkpoint import load_checkpoint, save_checkpoint
+from anyshape.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
 from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
 from anyshape.train.sampling import ShapeSampler
@@ -84,22 +86,36 @@ def train(
     settings.check()
     run = Path(settings.out)
     world = Distributed.from_environment()
-    _prepare_run(run, settings, resume, overwrite, world)
     device = _device(world)
-    if world.enabled and not torch.distributed.is_initialized():
+    owns_group = world.enabled and not torch.distributed.is_initialized()
+    if owns_group:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(settings, run, world, device, resume, overwrite, log, progress, on_step)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    settings: TrainSettings,
+    run: Path,
+    world: Distributed,
+    device: torch.device,
+    resume: bool,
+    overwrite: bool,
+    log: Callable[[str], None],
+    progress: bool,
+    on_step: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    _check_run(run, settings, resume, overwrite)
+    _barrier(world)  # every process has checked before rank 0 writes
+    if not resume and world.rank == 0:
+        _start_run(run, settings)
+    _barrier(world)
     torch.manual_seed(settings.seed)  # the adapters' initialisation
 
-    model = load(settings.model).to(device)
-    space = _space(settings, model)
-    sampler = ShapeSampler(
-        space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
-        settings.seed,
-    )  # fmt: skip
-    trainable = add_adapters(
-        model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k
-    )
-    data = _training_data(settings, model.config.hf.max_position_embeddings)
+    data = _training_data(settings, load_config(settings.model).hf.max_position_embeddings)  # bad data fails fast
     micro_batch = settings.batch_size // settings.grad_accum
     if micro_batch % world.world_size:
         raise AnyshapeError(
@@ -107,13 +123,21 @@ def train(
             "choose a batch size that is a multiple of grad_accum x the number of processes"
         )
     batches = Batches(data.train, micro_batch, settings.seed)
+    model = load(settings.model).to(device)
+    space = _space(settings, model)
+    sampler = ShapeSampler(
+        space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
+        settings.seed,
+    )  # fmt: skip
+    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
+    wrapped = _wrap(model, device, world, settings)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio),
     )
     balancer = LossBalancer()
-    wrapped = _wrap(model, device, world, find_unused=settings.adapter != "full")
 
     step = 0
     if resume:
@@ -141,6 +165,7 @@ def train(
             shapes = sampler.shapes(step)
             losses, seconds = _step(wrapped, shapes, batches, step, settings, world, device, autocast, balancer)
             norm = torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
             skipped = not torch.isfinite(norm)
             if skipped:
                 log(f"step {step + 1}: gradient norm {norm.item()} is not finite; the step is skipped")
@@ -253,8 +278,9 @@ def _log_metrics(run: Path, world: Distributed, metrics: dict[str, Any]) -> None
             file.write(json.dumps(metrics) + "\n")
 
 
-def _prepare_run(run: Path, settings: TrainSettings, resume: bool, overwrite: bool, world: Distributed) -> None:
-    """Checks RUN against `resume`/`overwrite` and writes RUN/train.json for a new run."""
+def _check_run(run: Path, settings: TrainSettings, resume: bool, overwrite: bool) -> None:
+    """Raises AnyshapeError unless RUN can be resumed with `settings` (`resume`), or a new run
+    can start there: RUN absent or empty, or `overwrite`."""
     record_path = run / RUN_FILE
     if resume:
         if not record_path.is_file():
@@ -265,17 +291,21 @@ def _prepare_run(run: Path, settings: TrainSettings, resume: bool, overwrite: bo
                 f"{run} was started with other settings ({'; '.join(differences)}); resume with the same "
                 "settings, or start a new run in another --out"
             )
-        return
-    if run.exists() and any(run.iterdir()) and not overwrite:
+    elif run.exists() and any(run.iterdir()) and not overwrite:
         hint = f"continue it with --resume {run}, or " if record_path.is_file() else ""
         raise AnyshapeError(f"{run} already exists and is not empty; {hint}choose another --out or pass --overwrite")
-    if world.rank == 0:
-        if run.exists():
-            for name in (RUN_FILE, METRICS):
-                (run / name).unlink(missing_ok=True)
-        run.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps({"settings": settings.to_dict()}, indent=1))
-    if world.enabled and torch.distributed.is_initialized():
+
+
+def _start_run(run: Path, settings: TrainSettings) -> None:
+    """Writes RUN/train.json, replacing what an earlier run left there."""
+    shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
+    (run / METRICS).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / RUN_FILE).write_text(json.dumps({"settings": settings.to_dict()}, indent=1))
+
+
+def _barrier(world: Distributed) -> None:
+    if world.enabled:
         torch.distributed.barrier()
 
 
@@ -311,19 +341,38 @@ def _device(world: Distributed) -> torch.device:
     return torch.device("cpu")
 
 
-def _wrap(model: nn.Module, device: torch.device, world: Distributed, find_unused: bool) -> nn.Module:
-    """DDP around the model in a distributed run (unused parameters found where adapters may
-    leave some without a gradient), else the model itself."""
+def _wrap(model: ElasticLlama, device: torch.device, world: Distributed, settings: TrainSettings) -> nn.Module:
+    """The model as this run trains it: itself in one process; in a distributed run, DDP (finding
+    unused parameters where adapters may leave some without a gradient) or FSDP, sharded per
+    decoder layer and at the root (embeddings, final norm, LM head)."""
     if not world.enabled:
         return model
+    if settings.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=settings.adapter != "full")
 
 
-def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
-    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+@contextlib.contextmanager
+def _no_sync(model: nn.Module) -> Iterator[None]:
+    """Gradients accumulate locally, without the all-reduce (DDP) or reduce-scatter (FSDP)."""
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _mean_over_processes(value: Tensor, world: Distributed) -> float:

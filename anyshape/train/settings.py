@@ -49,6 +49,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "auto"  # auto: bf16 autocast on a CUDA device that has it, else fp32
+    distributed: str = "ddp"  # under torchrun: ddp, or fsdp (sharded per decoder layer)
     val_fraction: float = 0.05
     val_batches: int = 4
     save_every: int = 50
@@ -67,6 +68,7 @@ class TrainSettings:
             ("kd", self.kd, (*KD_LOSSES, "none")),
             ("adapter", self.adapter, ADAPTERS),
             ("precision", self.precision, PRECISIONS),
+            ("distributed", self.distributed, ("ddp", "fsdp")),
         ):
             if value not in allowed:
                 raise AnyshapeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")

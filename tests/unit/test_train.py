@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -176,3 +178,28 @@ def test_trained_run_extracts_to_a_plain_hf_model(settings, adapter, tmp_path):
         torch.testing.assert_close(reloaded(INPUT_IDS).logits, model(INPUT_IDS, shape), atol=1e-5, rtol=1e-5)
         parent = anyshape.load(settings.model)
         assert (model(INPUT_IDS, shape) - parent(INPUT_IDS, shape)).abs().max() > 1e-4, "training changed nothing"
+
+
+def _train_as_rank(rank: int, world_size: int, port: int, settings: TrainSettings) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    train(settings)
+
+
+@pytest.mark.parametrize(("distributed", "adapter"), [("ddp", "full"), ("ddp", "smol"), ("fsdp", "full")])
+def test_two_processes_train_the_same_weights_as_one(settings, distributed, adapter):
+    settings = replace(settings, steps=3, grad_accum=2, distributed=distributed, adapter=adapter, lora_rank=4)
+    single = replace(settings, out=settings.out + "-single")
+    train(single)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_train_as_rank, args=(2, port, settings), nprocs=2)
+    two, one = anyshape.load(settings.out), anyshape.load(single.out)
+    for (name, a), (_, b) in zip(two.state_dict().items(), one.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    parent = anyshape.load(settings.model)
+    assert not torch.equal(one(INPUT_IDS), parent(INPUT_IDS)), "training changed nothing"

@@ -13,9 +13,10 @@ from anyshape.errors import AnyshapeError
 app = typer.Typer(
     name="anyshape",
     help="Turn one pretrained Llama-family LLM into a family of smaller, standard LLMs.\n\n"
-    "MODEL is a Hugging Face folder (safetensors), a .gguf file, or the embedded default "
-    "'smollm2-135m'. SHAPE is inline JSON or a JSON file with Hugging Face config field names "
-    "plus 'layers' (kept layer indices); omitted widths stay the parent's.\n\n"
+    "MODEL is a Hugging Face folder (safetensors), a .gguf file, the embedded default "
+    "'smollm2-135m', or a run folder of `anyshape train`. SHAPE is inline JSON or a JSON file "
+    "with Hugging Face config field names plus 'layers' (kept layer indices); omitted widths "
+    "stay the parent's.\n\n"
     "\b\nExamples:\n"
     "  anyshape info smollm2-135m --json\n"
     "  anyshape extract smollm2-135m --shape '{\"num_hidden_layers\": 20}' --out out/small\n"
@@ -28,7 +29,11 @@ app = typer.Typer(
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="Hugging Face folder, .gguf file, or 'smollm2-135m'.", metavar="MODEL", show_default=False),
+    typer.Argument(
+        help="Hugging Face folder, .gguf file, 'smollm2-135m', or a run folder of `anyshape train`.",
+        metavar="MODEL",
+        show_default=False,
+    ),
 ]
 ShapeOpt = Annotated[
     str | None,
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         rpd,
         search,
         sort,
+        train,
     )
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -24,14 +24,16 @@ SAMPLING = ("sandwich", "grid", "fixed")
 
 @dataclass
 class ShapeSampler:
-    """`shapes(step)` -> [(slot, Shape)], the largest first; a slot names the Shape's role
-    (largest, smallest, random-i, bin-i, fixed-i) for per-slot statistics such as loss balancing."""
+    """`shapes(step)` -> [(slot, Shape)], the largest first, each Shape once; a slot names the
+    Shape's role (largest, smallest, random-i, bin-i, fixed-i) for per-slot statistics such as
+    loss balancing and the progress bar."""
 
     space: SearchSpace
     rule: str = "sandwich"
     count: int = 2  # random Shapes (sandwich) or parameter bins (grid)
     fixed: Sequence[Shape] = ()
     seed: int = 0
+    grid: list[Shape] = field(init=False)  # every Shape of the space
     bins: list[list[Shape]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -39,10 +41,14 @@ class ShapeSampler:
             raise AnyshapeError(f"unknown sampling {self.rule!r}; choose one of {', '.join(SAMPLING)}")
         if self.rule == "fixed" and not self.fixed:
             raise AnyshapeError("--sampling fixed needs the Shapes to train: pass --shapes shapes.json")
-        if self.count < 0:
-            raise AnyshapeError(f"the number of sampled Shapes must be at least 0, got {self.count}")
+        if self.count < (1 if self.rule == "grid" else 0):
+            raise AnyshapeError(
+                f"{self.rule} sampling needs {'at least 1 bin' if self.rule == 'grid' else '0 or more random Shapes'}"
+                f", got {self.count}"
+            )
         for shape in self.fixed:
             shape.validate(self.space.config)
+        self.grid = list(self.space.shapes())
         if self.rule == "grid":
             self.bins = parameter_bins(self.space, self.count)
 
@@ -51,17 +57,19 @@ class ShapeSampler:
         chosen = [("largest", self.space.largest())]
         if self.rule == "sandwich":
             chosen.append(("smallest", self.space.smallest()))
-            choices = list(self.space.choices())
             for i in range(self.count):
-                index = int(torch.randint(len(choices), (1,), generator=generator))
-                chosen.append((f"random-{i}", self.space.shape(choices[index])))
+                index = int(torch.randint(len(self.grid), (1,), generator=generator))
+                chosen.append((f"random-{i}", self.grid[index]))
         elif self.rule == "grid":
             for i, members in enumerate(self.bins):
                 if members:
                     chosen.append((f"bin-{i}", members[int(torch.randint(len(members), (1,), generator=generator))]))
         else:
             chosen += [(f"fixed-{i}", shape) for i, shape in enumerate(self.fixed)]
-        return chosen
+        firsts = {}
+        for slot, shape in chosen:  # a Shape drawn twice trains once, in its first slot
+            firsts.setdefault(shape, slot)
+        return [(slot, shape) for shape, slot in firsts.items()]
 
 
 def parameter_bins(space: SearchSpace, count: int) -> list[list[Shape]]:

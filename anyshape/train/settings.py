@@ -16,7 +16,7 @@ from anyshape.train.distill import KD_LOSSES
 from anyshape.train.sampling import SAMPLING
 
 PRECISIONS = ("auto", "fp32", "bf16")
-RESUMABLE = ("save_every", "eval_every", "log_every")  # may change when a run resumes
+RESUMABLE = ("out", "save_every", "eval_every", "log_every")  # may change when a run resumes (or moves)
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,12 @@ class TrainSettings:
 
 
 def read_settings(run: Path) -> TrainSettings:
-    path = run / RUN_FILE
+    """The settings a run was started with (RUN/train.json)."""
+    path = Path(run) / RUN_FILE
+    if not path.is_file():
+        raise AnyshapeError(f"{run} is not a run folder (no {RUN_FILE}); pass the --out of an earlier anyshape train")
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise AnyshapeError(
-            f"{path} is unreadable ({error}); is {run} a run folder written by anyshape train?"
-        ) from None
+        raise AnyshapeError(f"{path} is unreadable ({error}); the run folder is damaged") from None
     return TrainSettings.from_dict(record["settings"], str(path))

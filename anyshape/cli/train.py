@@ -1,0 +1,219 @@
+"""`anyshape train`: one-for-all elastic fine-tuning, from options, a config file, or a run to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import _click
+
+from anyshape.cli.app import JsonOpt, app, emit
+from anyshape.cli.search import AlignOpt
+from anyshape.errors import AnyshapeError
+from anyshape.search.space import parse_fractions
+from anyshape.train.settings import TrainSettings, read_settings
+
+DEFAULTS = TrainSettings()
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Parent: Hugging Face folder (ideally sorted by `anyshape sort`), .gguf file, or 'smollm2-135m'.",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML (or JSON) file of settings, keys as the options (seq_len for --seq-len).", metavar="FILE"
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this folder with its recorded settings.", metavar="RUN")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Training text: .txt, .jsonl ('text'), .parquet ('text'), a folder of those, or a datasets name "
+            "in the local cache. Default: the embedded text.",
+            metavar="SOURCE",
+        ),
+    ] = None,
+    val_data: Annotated[
+        str | None, typer.Option(help="Held-out text, as --data. Default: --val-fraction of --data.", metavar="SOURCE")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Run folder: settings, checkpoint, metrics.jsonl.")] = DEFAULTS.out,
+    sampling: Annotated[
+        str,
+        typer.Option(
+            help="Shapes per step: sandwich (largest, smallest, --random-shapes random), grid (largest and one per "
+            "parameter bin), fixed (largest and --shapes)."
+        ),
+    ] = DEFAULTS.sampling,
+    random_shapes: Annotated[
+        int, typer.Option(help="sandwich: random Shapes per step; grid: parameter bins.", min=0)
+    ] = DEFAULTS.random_shapes,
+    shapes: Annotated[
+        str | None, typer.Option(help="fixed: a JSON list of Shapes, inline or a file.", metavar="SHAPES")
+    ] = None,
+    fractions: Annotated[str, typer.Option(help="Grid of sizes per axis, as fractions of the parent.")] = (
+        ",".join(f"{f:g}" for f in DEFAULTS.fractions)
+    ),
+    align: AlignOpt = DEFAULTS.align,
+    kd: Annotated[
+        str,
+        typer.Option(help="Distillation from the largest Shape: forward-kl, reverse-kl, js, cosine, l2, or none."),
+    ] = DEFAULTS.kd,
+    balance_losses: Annotated[
+        bool, typer.Option(help="Scale each Shape's loss to the largest's running magnitude (AmoebaLLM).")
+    ] = DEFAULTS.balance_losses,
+    adapter: Annotated[
+        str,
+        typer.Option(help="full (every weight), lora, or smol (Shape-gated LoRA experts); base frozen with adapters."),
+    ] = DEFAULTS.adapter,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.", min=1)] = DEFAULTS.lora_rank,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha. Default: 2 x rank.")] = None,
+    experts: Annotated[int, typer.Option(help="smol: LoRA experts per projection.", min=1)] = DEFAULTS.experts,
+    top_k: Annotated[int, typer.Option(help="smol: experts each Shape uses.", min=1)] = DEFAULTS.top_k,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.", min=1)] = DEFAULTS.steps,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.", min=2)] = DEFAULTS.seq_len,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences per optimizer step, over all processes and accumulation.", min=1)
+    ] = DEFAULTS.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", min=1)] = DEFAULTS.grad_accum,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 full, 1e-3 adapters.")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", min=0)] = DEFAULTS.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps, then cosine.", min=0)] = DEFAULTS.warmup_steps,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final learning rate / peak.")] = DEFAULTS.min_lr_ratio,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none).", min=0)] = (
+        DEFAULTS.max_grad_norm
+    ),
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16.")
+    ] = DEFAULTS.precision,
+    distributed: Annotated[
+        str, typer.Option(help="Under torchrun: ddp, or fsdp (sharded per decoder layer).")
+    ] = DEFAULTS.distributed,
+    val_fraction: Annotated[float, typer.Option(help="Held-out share of --data without --val-data.")] = (
+        DEFAULTS.val_fraction
+    ),
+    val_batches: Annotated[int, typer.Option(help="Held-out batches per evaluation.", min=1)] = DEFAULTS.val_batches,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).", min=1)] = (
+        DEFAULTS.save_every
+    ),
+    eval_every: Annotated[int, typer.Option(help="Held-out perplexity every N steps.", min=1)] = DEFAULTS.eval_every,
+    log_every: Annotated[int, typer.Option(help="Write metrics every N steps.", min=1)] = DEFAULTS.log_every,
+    seed: Annotated[int, typer.Option(help="Seed of data order, Shape sampling and adapter init.")] = DEFAULTS.seed,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an --out that holds another run.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train MODEL once so that every Shape of its search space works (one-for-all).
+
+    Each step trains the largest Shape on the next token and the sampled smaller Shapes by
+    in-place distillation from it, on the same batch, with shared weights (or shared frozen
+    weights and LoRA / SMOL adapters). Checkpoints are atomic; Ctrl-C saves the last finished
+    step, and --resume RUN continues exactly where an uninterrupted run would be. Under
+    torchrun every process trains its share of each batch (DDP or FSDP).
+
+    Afterwards RUN is a MODEL for every command: `anyshape evaluate RUN --shape S --ppl`,
+    `anyshape extract RUN --shape S --out small/` (adapters merged: a plain HF model).
+
+    \b
+    Examples:
+      anyshape train smollm2-135m --data train.txt --out run/ --steps 200 --seq-len 256
+      anyshape train smollm2-135m --data train.txt --adapter smol --lora-rank 16 --experts 4 --out run/
+      anyshape train --config recipes/smollm2-135m/elastic.yaml --resume run/
+      torchrun --nproc_per_node 2 -m anyshape train --config recipes/smollm2-135m/elastic.yaml
+    """
+    from anyshape.train.elastic import train
+
+    given = {
+        name: value
+        for name, value in ctx.params.items()
+        if ctx.get_parameter_source(name) == _click.core.ParameterSource.COMMANDLINE
+        and name not in ("config", "resume", "overwrite", "as_json")
+    }
+    given = _typed(given)
+    if resume is not None:
+        recorded = read_settings(resume).to_dict()
+        if config is not None:
+            recorded.update(_read_config(config))
+        settings = TrainSettings.from_dict({**recorded, **given, "out": str(resume)}, "the options")
+    else:
+        base = _read_config(config) if config is not None else {}
+        settings = TrainSettings.from_dict({**base, **given}, "the options")
+    settings = _absolute_paths(settings)
+    result = train(
+        settings, resume=resume is not None, overwrite=overwrite, progress=True,
+        log=lambda message: print(message, file=sys.stderr),
+    )  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":  # one report per torchrun launch
+        emit({key: result.get(key) for key in ("step", "loss", "val_ppl")} | {"out": settings.out}, as_json)
+
+
+def _typed(given: dict[str, Any]) -> dict[str, Any]:
+    """Command-line strings that the settings hold as structures: fractions and Shapes."""
+    if "fractions" in given:
+        given["fractions"] = parse_fractions(given["fractions"])
+    if "shapes" in given:
+        given["shapes"] = _read_shapes(given["shapes"])
+    return given
+
+
+def _read_shapes(text: str) -> tuple[dict[str, Any], ...]:
+    path = Path(text)
+    raw = path.read_text() if path.is_file() else text
+    try:
+        shapes = json.loads(raw)
+    except json.JSONDecodeError:
+        raise typer.BadParameter(
+            f"{text!r} is neither a JSON file nor inline JSON; write a list of Shapes, e.g. "
+            '\'[{"hidden_size": 288}, {"num_hidden_layers": 20}]\'',
+            param_hint="--shapes",
+        ) from None
+    shapes = shapes if isinstance(shapes, list) else [shapes]
+    if not all(isinstance(shape, dict) for shape in shapes):
+        raise typer.BadParameter("each Shape must be a JSON object", param_hint="--shapes")
+    return tuple(shapes)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A config file's settings (YAML or JSON mapping); `shapes` may name a JSON file."""
+    import yaml
+
+    if not path.is_file():
+        raise typer.BadParameter(f"config file {str(path)!r} not found", param_hint="--config")
+    try:
+        record = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise AnyshapeError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(record, dict):
+        raise AnyshapeError(f"{path} must hold a mapping of settings, e.g. 'steps: 200'")
+    if isinstance(record.get("shapes"), str):
+        record["shapes"] = _read_shapes(record["shapes"])
+    return record
+
+
+def _absolute_paths(settings: TrainSettings) -> TrainSettings:
+    """Local paths made absolute, so the run folder works from any directory."""
+
+    def absolute(value: str | None) -> str | None:
+        return (
+            str(Path(value).expanduser().resolve())
+            if value is not None and Path(value).expanduser().exists()
+            else value
+        )
+
+    return replace(
+        settings, model=absolute(settings.model), data=absolute(settings.data), val_data=absolute(settings.val_data)
+    )

@@ -2,7 +2,7 @@
 disk, packed into fixed-length sequences, split into training and validation, and batched in an
 order that a resumed run continues from the step number alone.
 
-Sources are a `.txt` file (one document), a `.jsonl` file (one document per "text" field), a
+Sources are a text file (`.txt` or any other suffix: one document), a `.jsonl` file (one document per "text" field), a
 `.parquet` file (one document per row of its `text` column), a folder of such files (read
 recursively, in sorted path order), or the name of a Hugging Face dataset already in the local
 cache (`name` or `name:split`, split `train` by default). Nothing is ever downloaded.
@@ -215,17 +215,17 @@ def _local_files(source: str | Path) -> tuple[Path, list[Path]] | None:
         if not path.is_file():
             raise DataError(f"data file {str(path)!r} not found; pass a .txt, .jsonl or .parquet file or a folder")
         return path.parent, [path]
-    if path.is_file():
-        raise DataError(f"{path} is not a .txt, .jsonl or .parquet file; convert it to one of those")
+    if path.is_file():  # any other file is plain text, as for the other commands (e.g. wiki.train.tokens)
+        return path.parent, [path]
     return None
 
 
 def _file_documents(path: Path) -> list[str]:
-    """The non-blank documents of one .txt, .jsonl or .parquet file."""
+    """The non-blank documents of one .jsonl or .parquet file, or of a text file (any other suffix)."""
     if path.suffix == ".parquet":
         return _parquet_documents(path)
     text = read_text(path)  # checks UTF-8, JSON lines with "text" fields, and that there is text
-    documents = [text] if path.suffix == ".txt" else _jsonl_texts(path, path.read_text(encoding="utf-8"))
+    documents = _jsonl_texts(path, path.read_text(encoding="utf-8")) if path.suffix == ".jsonl" else [text]
     return [document for document in documents if document.strip()]
 
 

@@ -107,13 +107,18 @@ def test_parquet_without_a_text_column_names_its_columns(tmp_path):
         ("empty.parquet", lambda path: write_parquet(path, text=["", None]), "empty.parquet contains no text"),
         ("missing.jsonl", lambda path: None, "missing.jsonl' not found"),
         ("folder", lambda path: path.mkdir(), "folder has no .txt, .jsonl or .parquet file"),
-        ("data.csv", lambda path: path.write_text("text\nx\n"), "data.csv is not a .txt, .jsonl or .parquet"),
+        ("empty.tokens", lambda path: path.write_text("\n"), "empty.tokens contains no text"),
     ],
 )
 def test_sources_without_text_are_refused_by_name(tmp_path, name, write, message):
     write(tmp_path / name)
     with pytest.raises(DataError, match=message):
         read_documents(tmp_path / name)
+
+
+def test_a_file_of_another_suffix_is_one_text_document(tmp_path):
+    (tmp_path / "wiki.train.tokens").write_text(" = Title = \n body text \n")
+    assert read_documents(tmp_path / "wiki.train.tokens") == [" = Title = \n body text \n"]
 
 
 def test_an_empty_file_in_a_folder_is_named(tmp_path):

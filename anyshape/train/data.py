@@ -267,8 +267,9 @@ def _cached_dataset(name: str, split_name: str) -> Dataset:
             return datasets.load_dataset(name, split=split_name)
         except (OSError, datasets.exceptions.DatasetsError) as error:
             raise DataError(
-                f"dataset {name!r} (split {split_name!r}) is not in the local Hugging Face cache ({error}); nothing is "
-                "downloaded: pass a local .txt, .jsonl or .parquet file or a folder of them instead"
+                f"{name!r} is no local file or folder, and no dataset of that name (split {split_name!r}) is in the "
+                f"local Hugging Face cache ({_first_line(error)}); nothing is downloaded: check the path, or pass a "
+                "local .txt, .jsonl or .parquet file or a folder of them"
             ) from None
         except ValueError as error:  # an unknown split
             raise DataError(f"dataset {name!r}: {error}; pass name:split with one of those splits") from None
@@ -335,3 +336,7 @@ def _save_atomically(ids: Tensor, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

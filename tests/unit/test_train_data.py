@@ -148,7 +148,10 @@ def test_a_dataset_that_is_not_cached_is_refused_offline(no_network, tokenizer, 
         lambda: read_documents("anyshape-tests/no-such-dataset:validation"),
         lambda: cached_token_ids(tokenizer, "anyshape-tests/no-such-dataset", tmp_path),
     ):
-        with pytest.raises(DataError, match="'anyshape-tests/no-such-dataset' .* not in the local Hugging Face cache"):
+        with pytest.raises(
+            DataError,
+            match="'anyshape-tests/no-such-dataset' is no local file or folder, and no dataset .* cache",
+        ):
             call()
     assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == offline_before
     assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,9 @@ def _train(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+            with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                schedule.step()
             step += 1
             tokens = settings.batch_size * settings.seq_len
             metrics = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from dataclasses import replace
@@ -203,3 +204,24 @@ def test_two_processes_train_the_same_weights_as_one(settings, distributed, adap
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     parent = anyshape.load(settings.model)
     assert not torch.equal(one(INPUT_IDS), parent(INPUT_IDS)), "training changed nothing"
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeypatch):
+    import anyshape.train.elastic as elastic
+
+    poison = {"on": False}
+    lm_loss = elastic.lm_loss
+
+    def poisoned(logits, ids):
+        return lm_loss(logits, ids) * (math.nan if poison["on"] else 1.0)
+
+    def after(step: int) -> None:
+        poison["on"] = step == 1  # step 2's losses are NaN
+
+    monkeypatch.setattr(elastic, "lm_loss", poisoned)
+    said = []
+    train(replace(settings, steps=3, kd="none"), log=said.append, on_step=after)
+    history = [record for record in iterate_metrics(Path(settings.out)) if "loss" in record]
+    assert [record["skipped"] for record in history] == [False, True, False]
+    assert any("step 2" in line and "skipped" in line for line in said)
+    assert all(torch.isfinite(p).all() for p in anyshape.load(settings.out).parameters())

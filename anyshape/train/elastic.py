@@ -110,10 +110,6 @@ def _train(
     on_step: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     _check_run(run, settings, resume, overwrite)
-    _barrier(world)  # every process has checked before rank 0 writes
-    if not resume and world.rank == 0:
-        _start_run(run, settings)
-    _barrier(world)
     torch.manual_seed(settings.seed)  # the adapters' initialisation
 
     data = _training_data(settings, load_config(settings.model).hf.max_position_embeddings)  # bad data fails fast
@@ -140,6 +136,10 @@ def _train(
     )
     balancer = LossBalancer()
 
+    _barrier(world)  # every process has checked its inputs before rank 0 writes
+    if not resume and world.rank == 0:
+        _start_run(run, settings)  # only now: bad input leaves no run folder behind
+    _barrier(world)
     step = 0
     if resume:
         state = load_checkpoint(run, wrapped, optimizer)

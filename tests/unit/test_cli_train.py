@@ -82,6 +82,7 @@ def test_bad_training_input(capsys, tiny_dir, text, tmp_path, change, words):
         text.write_text("")
         change = []
     assert_bad_input(capsys, quick(tiny_dir, text, tmp_path / "run", *change), *words)
+    assert not (tmp_path / "run" / "train.json").exists(), "bad input must leave no run behind"
 
 
 def test_bad_config_and_occupied_out(capsys, tiny_dir, text, tmp_path):

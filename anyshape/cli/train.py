@@ -201,6 +201,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise AnyshapeError(f"{path} must hold a mapping of settings, e.g. 'steps: 200'")
     if isinstance(record.get("shapes"), str):
         record["shapes"] = _read_shapes(record["shapes"])
+    TrainSettings.from_dict(record, str(path))  # unknown keys are named with the file
     return record
 
 

@@ -19,3 +19,9 @@ class DataError(AnyshapeError):
 
 class TaskError(AnyshapeError):
     """An evaluation task that cannot be found or run (unknown name, unsupported request)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its class name if the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

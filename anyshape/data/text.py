@@ -31,7 +31,7 @@ def read_text(path: str | Path) -> str:
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
     if path.suffix == ".jsonl":
-        raw = "\n\n".join(_jsonl_texts(path, raw))
+        raw = "\n\n".join(jsonl_texts(path, raw))
     if not raw.strip():
         raise DataError(f"{path} contains no text")
     return raw
@@ -49,7 +49,8 @@ def load_text(path: str | Path | None) -> str:
     return default_text() if path is None else read_text(path)
 
 
-def _jsonl_texts(path: Path, raw: str) -> list[str]:
+def jsonl_texts(path: Path, raw: str) -> list[str]:
+    """The "text" fields of a JSON-lines file's records (raw: its contents), in order."""
     texts = []
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():

@@ -40,7 +40,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from anyshape.errors import DataError, TaskError
+from anyshape.errors import DataError, TaskError, first_line
 from anyshape.model.llama import ElasticLlama, KVCache
 from anyshape.shape import Shape
 
@@ -310,7 +310,7 @@ def evaluate_tasks(
             )
         except ConnectionError as error:  # a task whose dataset lives on the Hugging Face Hub
             raise DataError(
-                f"a task's dataset could not be read ({_first_line(error)}): lm-eval's own tasks fetch "
+                f"a task's dataset could not be read ({first_line(error)}): lm-eval's own tasks fetch "
                 "theirs from the Hugging Face Hub, which is not reachable; use a local copy of the task "
                 "(a YAML with local data_files, in an include path)"
             ) from None
@@ -417,7 +417,3 @@ def _working_directory(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from anyshape.errors import CheckpointError
+from anyshape.errors import CheckpointError, first_line
 from anyshape.model.config import SUPPORTED_MODEL_TYPES, LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 
@@ -83,7 +83,7 @@ def load_hf_config(ref: str | Path) -> PretrainedConfig:
             hf = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         fix = "re-download it" if path.suffix == ".gguf" else "fix or re-download config.json"
-        raise CheckpointError(f"cannot read the config of {path} ({_first_line(error)}); {fix}") from None
+        raise CheckpointError(f"cannot read the config of {path} ({first_line(error)}); {fix}") from None
     # A GGUF config records how its weights were quantized; loaded weights are dequantized.
     if hasattr(hf, "quantization_config"):
         del hf.quantization_config
@@ -142,7 +142,7 @@ def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
-            f"no usable tokenizer in {path} ({_first_line(error)}); save the parent's tokenizer "
+            f"no usable tokenizer in {path} ({first_line(error)}); save the parent's tokenizer "
             "there with tokenizer.save_pretrained(folder)"
         ) from None
 
@@ -155,7 +155,7 @@ def run_parent(path: Path) -> str | None:
     try:
         return json.loads(record.read_text())["settings"]["model"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{record} is unreadable ({_first_line(error)}); the run folder is damaged") from None
+        raise CheckpointError(f"{record} is unreadable ({first_line(error)}); the run folder is damaged") from None
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -175,7 +175,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             state_dict.update(load_file(folder / name))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(
-                f"{folder / name} is corrupt or truncated ({_first_line(error)}); re-download or re-export it"
+                f"{folder / name} is corrupt or truncated ({first_line(error)}); re-download or re-export it"
             ) from None
     return state_dict
 
@@ -186,7 +186,7 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"cannot read GGUF file {path} ({_first_line(error)})") from None
+        raise CheckpointError(f"cannot read GGUF file {path} ({first_line(error)})") from None
     return dict(hf_model.state_dict())
 
 
@@ -218,8 +218,3 @@ def _pickles(folder: Path) -> list[str]:
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

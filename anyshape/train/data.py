@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from anyshape.data.text import _jsonl_texts, read_text
-from anyshape.errors import DataError
+from anyshape.data.text import jsonl_texts, read_text
+from anyshape.errors import DataError, first_line
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -225,7 +225,7 @@ def _file_documents(path: Path) -> list[str]:
     if path.suffix == ".parquet":
         return _parquet_documents(path)
     text = read_text(path)  # checks UTF-8, JSON lines with "text" fields, and that there is text
-    documents = _jsonl_texts(path, path.read_text(encoding="utf-8")) if path.suffix == ".jsonl" else [text]
+    documents = jsonl_texts(path, path.read_text(encoding="utf-8")) if path.suffix == ".jsonl" else [text]
     return [document for document in documents if document.strip()]
 
 
@@ -268,7 +268,7 @@ def _cached_dataset(name: str, split_name: str) -> Dataset:
         except (OSError, datasets.exceptions.DatasetsError) as error:
             raise DataError(
                 f"{name!r} is no local file or folder, and no dataset of that name (split {split_name!r}) is in the "
-                f"local Hugging Face cache ({_first_line(error)}); nothing is downloaded: check the path, or pass a "
+                f"local Hugging Face cache ({first_line(error)}); nothing is downloaded: check the path, or pass a "
                 "local .txt, .jsonl or .parquet file or a folder of them"
             ) from None
         except ValueError as error:  # an unknown split
@@ -336,7 +336,3 @@ def _save_atomically(ids: Tensor, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

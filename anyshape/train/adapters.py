@@ -143,7 +143,7 @@ def merged(model: ElasticLlama, shape: Shape) -> ElasticLlama:
     what the adapted model computes at `shape`."""
     plain = copy.deepcopy(model)
     for _, projection in projections(plain):
-        if projection.adapter is not None:
-            projection.weight += projection.adapter.delta_weight(shape)
+        if projection.adapter is not None:  # a new tensor: the weight may be shared with another layer
+            projection.weight = nn.Parameter(projection.weight + projection.adapter.delta_weight(shape))
             projection.adapter = None
     return plain

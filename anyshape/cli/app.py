@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         report,
         rpd,
         search,
+        share,
         sort,
         train,
     )

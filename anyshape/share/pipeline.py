@@ -49,7 +49,7 @@ class ShareSettings:
     seq_len: int = 256
     warmup_steps: int = 200  # stage 1: Adam steps on the recorded layer inputs and outputs
     warmup_sequences: int = 64  # stage 1: sequences recorded (the last 10% held out)
-    warmup_lr: float = 1e-4
+    warmup_lr: float = 1e-3
     finetune_steps: int = 200  # stage 2: optimizer steps of the training loop (0: none)
     batch_size: int = 4
     lr: float = 5e-4
@@ -94,6 +94,7 @@ def share(
     settings.out; returns a summary (per-layer warm-up errors, held-out perplexity before and
     after stage 2). Under torchrun every process calls it: rank 0 does stage 1 and writes."""
     settings.plan.validate(load_config(settings.model).num_hidden_layers)
+    settings.finetune_settings().check()  # stage 2's options fail before stage 1 runs
     out, work = Path(settings.out), settings.work_folder
     if out.exists() and not overwrite:
         raise AnyshapeError(f"{out} already exists; choose another --out or pass --overwrite")

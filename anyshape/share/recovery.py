@@ -86,3 +86,14 @@ def fit_to_weight(recovery: nn.Module, reference: Tensor, target: Tensor) -> Non
     root = S[:rank].sqrt()
     factors.lora_B[0] = (U[:, :rank] * root) / factors.scale
     factors.lora_A[0] = root[:, None] * Vh[:rank]
+
+
+@torch.no_grad()
+def zero_update(recovery: nn.Module) -> None:
+    """Makes `recovery`'s update zero (direct sharing): s = 1, B = 0; A stays, as in LoRA's start."""
+    factors = recovery
+    if isinstance(recovery, ScaledLowRank):
+        recovery.scale.fill_(1.0)
+        factors = recovery.low_rank
+    if factors is not None:
+        factors.lora_B.zero_()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import anyshape
 from anyshape import Shape
 from anyshape.errors import AnyshapeError
+from anyshape.share.pipeline import ShareSettings, share
 from anyshape.share.plan import SharingPlan, build_plan
 from anyshape.share.recovery import ScaledLowRank
 from anyshape.share.storage import WEIGHTS, save_shared
@@ -74,6 +77,7 @@ def test_plans_name_the_layers_they_replace():
         (["--replace", "consecutive", "--start-layer", "1", "--count", "3"], ["4:1", "out of range"]),
         (["--replace", "sideways", "--start-layer", "1"], ["sideways", "next-interval"]),
         (["--start-layer", "1", "--components", "ffn"], ["ffn", "mlp, attention, both"]),
+        (["--start-layer", "1", "--precision", "fp8"], ["precision 'fp8'", "auto, fp32, bf16"]),
     ],
 )
 def test_bad_plans_exit_with_status_2_and_say_why(capsys, tiny_dir, tmp_path, options, words):
@@ -124,7 +128,7 @@ def test_warm_up_beats_direct_sharing_and_its_start_on_held_out_inputs(tiny_dir,
     fits = warm_up(model, records, steps=60, lr=3e-3, batch_size=4, held_out=0.25)
     assert [fit.layer for fit in fits] == [2, 3]
     for fit in fits:
-        assert fit.final < fit.initial < fit.direct, fit
+        assert fit.final < min(fit.initial, fit.direct), fit
 
 
 def test_compact_folder_round_trips_and_stores_each_tensor_once(tiny_dir, tmp_path):
@@ -193,7 +197,7 @@ def test_share_command_writes_a_model_that_every_command_reads(capsys, tiny_dir,
 
     out = tmp_path / "shared"
     args = ["share", tiny_dir(PARENT), "--replace", "consecutive", "--start-layer", "1", "--count", "2",
-            "--components", "both", "--rank", "4", "--data", text, "--warmup-steps", "10", "--warmup-sequences", "8",
+            "--components", "both", "--rank", "4", "--data", text, "--warmup-steps", "4", "--warmup-sequences", "4",
             "--finetune-steps", "4", "--save-every", "2", "--seq-len", "32", "--lr", "1e-2", "--out", out]  # fmt: skip
     original_train = pipeline.train
 
@@ -228,6 +232,31 @@ def test_share_command_writes_a_model_that_every_command_reads(capsys, tiny_dir,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(INPUT_IDS).logits, logits(anyshape.load(out)), atol=1e-5, rtol=1e-5)
+
+
+def _share_as_rank(rank: int, world_size: int, port: int, settings: ShareSettings) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    share(settings)
+
+
+def test_two_processes_share_like_one(tiny_dir, text, tmp_path):
+    settings = ShareSettings(
+        model=str(tiny_dir(PARENT)), plan=TWO, out=str(tmp_path / "two"), data=str(text), seq_len=32,
+        warmup_steps=5, warmup_sequences=8, finetune_steps=2, batch_size=4, lr=1e-2,
+    )  # fmt: skip
+    share(replace(settings, out=str(tmp_path / "one")))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_share_as_rank, args=(2, port, settings), nprocs=2)
+    two, one = anyshape.load(tmp_path / "two"), anyshape.load(tmp_path / "one")
+    for (name, a), (_, b) in zip(two.state_dict().items(), one.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert not (tmp_path / "two.work").exists()
 
 
 def test_share_help_teaches(capsys, monkeypatch):

@@ -22,6 +22,7 @@ from typing import Any
 from anyshape.errors import ShapeError
 from anyshape.model.config import LlamaFamilyConfig
 
+Size = Any  # an int, a float or a tensor of sizes
 WIDTH_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
@@ -94,17 +95,10 @@ class Shape:
     def num_parameters(self, config: LlamaFamilyConfig, embeddings: bool = True) -> int:
         """Parameters of the exported model of this Shape (`embeddings=False`: without the
         input embedding and LM head matrices)."""
-        hidden, ffn, head_dim = self.hidden_size, self.intermediate_size, config.head_dim
-        q_width = self.num_attention_heads * head_dim
-        kv_width = self.num_key_value_heads * head_dim
-        attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
-        attention += config.qkv_bias * (q_width + 2 * kv_width) + config.o_bias * hidden
-        mlp = 3 * hidden * ffn + config.mlp_bias * (2 * ffn + hidden)
-        norms = 2 * hidden
-        total = len(self.layers) * (attention + mlp + norms) + hidden  # + final norm
-        if embeddings:
-            total += config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-        return total
+        return parameter_count(
+            config, len(self.layers), self.hidden_size, self.num_key_value_heads, self.queries_per_group,
+            self.intermediate_size, embeddings,
+        )  # fmt: skip
 
     def flops_per_token(self, config: LlamaFamilyConfig, context: int = 512) -> int:
         """Forward FLOPs for one token (multiply-add = 2 FLOPs), attending to `context` earlier
@@ -173,3 +167,27 @@ class Shape:
                 "quote field names, e.g. '{\"hidden_size\": 448}'"
             ) from None
         return cls.from_dict(data, config)
+
+
+def parameter_count(
+    config: LlamaFamilyConfig,
+    depth: Size,
+    hidden: Size,
+    groups: Size,
+    per_group: Size,
+    ffn: Size,
+    embeddings: bool = True,
+) -> Size:
+    """Parameters of a uniform sub-network of `config` with these sizes (kept layers, H', G',
+    q' query heads per group, F'). Multilinear in the sizes, so with tensors of expected sizes
+    under independent choices it is the expected count, and it broadcasts over grids."""
+    q_width = groups * per_group * config.head_dim
+    kv_width = groups * config.head_dim
+    attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
+    attention = attention + config.qkv_bias * (q_width + 2 * kv_width) + config.o_bias * hidden
+    mlp = 3 * hidden * ffn + config.mlp_bias * (2 * ffn + hidden)
+    norms = 2 * hidden
+    total = depth * (attention + mlp + norms) + hidden  # + final norm
+    if embeddings:
+        total = total + config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    return total

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         info,
         layers,
         report,
+        route,
         rpd,
         search,
         share,

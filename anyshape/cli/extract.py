@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
+from anyshape.cli.route import route_record, routed
 from anyshape.export.hf import export_hf
 from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.shape import Shape
@@ -19,30 +20,46 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @app.command()
 def extract(
     model: ModelArg,
-    shape: Annotated[
-        str,
-        typer.Option(help="Sub-network to keep: inline JSON or a JSON file.", metavar="SHAPE", show_default=False),
-    ],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).", metavar="OUT", show_default=False)],
+    shape: Annotated[
+        str | None,
+        typer.Option(help="Sub-network to keep: inline JSON or a JSON file.", metavar="SHAPE", show_default=False),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --shape: the Shape the router of a `train --router` run picks for this budget "
+            "(0.4, or 60M).",
+            metavar="BUDGET",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Extract SHAPE of MODEL into OUT: config.json, model.safetensors, tokenizer,
-    generation config and anyshape.json (provenance). It loads with AutoModelForCausalLM.
+    """Extract SHAPE of MODEL (or the Shape its router picks for BUDGET) into OUT: config.json,
+    model.safetensors, tokenizer, generation config and anyshape.json (provenance). It loads
+    with AutoModelForCausalLM; a run's adapters and modulation are folded into the weights.
 
     \b
-    Example: anyshape extract smollm2-135m --shape '{"num_hidden_layers": 20}' --out out/small
+    Examples:
+      anyshape extract smollm2-135m --shape '{"num_hidden_layers": 20}' --out out/small
+      anyshape extract flex/ --budget 0.4 --out m40/
     """
     import torch
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
+    if (shape is None) == (budget is None):
+        raise typer.BadParameter("give exactly one of --shape and --budget", param_hint="--shape")
     check_out(out, overwrite)  # everything that can fail fast does so before the slow load
-    chosen = Shape.parse(shape, load_config(model))
+    answer = routed(Path(model), budget) if budget is not None else None
+    chosen = answer.shape if answer is not None else Shape.parse(shape, load_config(model))
     tokenizer = load_tokenizer(model)
     elastic = load(model, dtype=getattr(torch, dtype))
-    export_hf(elastic, chosen, out, tokenizer=tokenizer, parent=model, overwrite=overwrite)
+    extra = {"route": route_record(answer)} if answer is not None else None
+    export_hf(elastic, chosen, out, tokenizer=tokenizer, parent=model, overwrite=overwrite, extra=extra)
     emit(
         {
             "out": str(out),

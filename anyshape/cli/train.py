@@ -15,10 +15,12 @@ from typer.core import _click
 from anyshape.cli.app import JsonOpt, app, emit
 from anyshape.cli.search import AlignOpt
 from anyshape.errors import AnyshapeError
+from anyshape.router.budget import parse_anchors
 from anyshape.search.space import parse_fractions
 from anyshape.train.settings import TrainSettings, read_settings
 
 DEFAULTS = TrainSettings()
+ROUTER_PANEL = "Budget router (LLaMaFlex)"
 
 
 @app.command("train")
@@ -114,6 +116,53 @@ def train_command(
     eval_every: Annotated[int, typer.Option(help="Held-out perplexity every N steps.", min=1)] = DEFAULTS.eval_every,
     log_every: Annotated[int, typer.Option(help="Write metrics every N steps.", min=1)] = DEFAULTS.log_every,
     seed: Annotated[int, typer.Option(help="Seed of data order, Shape sampling and adapter init.")] = DEFAULTS.seed,
+    router: Annotated[
+        bool,
+        typer.Option(
+            help="Learn a budget router: the students are the Shapes it samples at each --anchors budget.",
+            rich_help_panel=ROUTER_PANEL,
+        ),
+    ] = DEFAULTS.router,
+    anchors: Annotated[
+        str,
+        typer.Option(
+            help="Budgets the router trains at, fractions of the parent's parameters.",
+            rich_help_panel=ROUTER_PANEL,
+        ),
+    ] = ",".join(f"{a:g}" for a in DEFAULTS.anchors),
+    budget_basis: Annotated[
+        str,
+        typer.Option(help="Budgets count total or non-embedding parameters.", rich_help_panel=ROUTER_PANEL),
+    ] = DEFAULTS.budget_basis,
+    budget_weight: Annotated[
+        float,
+        typer.Option(help="Weight of the over-budget penalty.", min=0, rich_help_panel=ROUTER_PANEL),
+    ] = DEFAULTS.budget_weight,
+    router_lr: Annotated[
+        float, typer.Option(help="The router's learning rate.", rich_help_panel=ROUTER_PANEL)
+    ] = DEFAULTS.router_lr,
+    tau_start: Annotated[
+        float,
+        typer.Option(help="Gumbel-softmax temperature at the start.", rich_help_panel=ROUTER_PANEL),
+    ] = DEFAULTS.tau_start,
+    tau_end: Annotated[
+        float,
+        typer.Option(help="... annealed exponentially to this at the end.", rich_help_panel=ROUTER_PANEL),
+    ] = DEFAULTS.tau_end,
+    router_only: Annotated[
+        bool,
+        typer.Option(
+            help="Train the router alone, the model frozen (with --modulation: and the modulation).",
+            rich_help_panel=ROUTER_PANEL,
+        ),
+    ] = DEFAULTS.router_only,
+    modulation: Annotated[
+        bool,
+        typer.Option(
+            help="Shape-conditioned output scales after every attention and MLP block, folded in at export.",
+            rich_help_panel=ROUTER_PANEL,
+        ),
+    ] = DEFAULTS.modulation,
     overwrite: Annotated[bool, typer.Option(help="Start over in an --out that holds another run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -128,9 +177,13 @@ def train_command(
     Afterwards RUN is a MODEL for every command: `anyshape evaluate RUN --shape S --ppl`,
     `anyshape extract RUN --shape S --out small/` (adapters merged: a plain HF model).
 
+    With --router, a router learns which Shape to use for any parameter budget: `anyshape route
+    RUN --budget 0.4` names it, `anyshape extract RUN --budget 0.4 --out m40/` writes it.
+
     \b
     Examples:
       anyshape train smollm2-135m --data train.txt --out run/ --steps 200 --seq-len 256
+      anyshape train smollm2-135m --router --anchors 0.25,0.5,0.75,1.0 --modulation --data train.txt --out flex/
       anyshape train smollm2-135m --data train.txt --adapter smol --lora-rank 16 --experts 4 --out run/
       anyshape train --config recipes/smollm2-135m/elastic.yaml --resume run/
       torchrun --nproc_per_node 2 -m anyshape train --config recipes/smollm2-135m/elastic.yaml
@@ -167,6 +220,8 @@ def _typed(given: dict[str, Any]) -> dict[str, Any]:
         given["fractions"] = parse_fractions(given["fractions"])
     if "shapes" in given:
         given["shapes"] = _read_shapes(given["shapes"])
+    if "anchors" in given:
+        given["anchors"] = parse_anchors(given["anchors"])
     return given
 
 

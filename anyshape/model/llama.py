@@ -22,6 +22,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from anyshape.errors import AnyshapeError
 from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.masks import MaskedShape, masked_hidden_states
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
 
@@ -70,20 +71,25 @@ class ElasticLinear(nn.Linear):
     """A projection that runs the Shape's slice of itself: x (B, T, in') -> (B, T, out').
 
     `name` is its Hugging Face suffix (q_proj, ..., down_proj), which picks its slicing rule.
-    `adapter`, None unless training adds one (`anyshape.train.adapters`), is a module
-    `adapter(x, shape)` whose output, (B, T, out'), is added: a low-rank update on the same slices.
+    Two slots are None unless training fills them: `adapter` (`anyshape.train.adapters`), a
+    module `adapter(x, shape)` whose output, (B, T, out'), is added (a low-rank update on the
+    same slices); and `modulation` (`anyshape.train.modulation`), a module `modulation(shape)`
+    whose output, (out',), scales the output channels.
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, config: LlamaFamilyConfig):
         super().__init__(in_features, out_features, bias=bias)
         self.name, self.config = name, config
         self.register_module("adapter", None)
+        self.register_module("modulation", None)
 
     def forward(self, x: Tensor, shape: Shape) -> Tensor:
         weight = slice_parameter(f"{self.name}.weight", self.weight, self.config, shape)
         bias = None if self.bias is None else slice_parameter(f"{self.name}.bias", self.bias, self.config, shape)
         y = F.linear(x, weight, bias)
-        return y if self.adapter is None else y + self.adapter(x, shape)
+        if self.adapter is not None:
+            y = y + self.adapter(x, shape)
+        return y if self.modulation is None else y * self.modulation(shape)
 
 
 class Attention(nn.Module):
@@ -209,7 +215,12 @@ class ElasticLlama(nn.Module):
         return self.lm_head_logits(self.hidden_states(input_ids, shape, cache), shape)
 
     def hidden_states(self, input_ids: Tensor, shape: Shape, cache: KVCache | None = None) -> Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, H'), after the cache's tokens."""
+        """input_ids (B, T) -> final-normed hidden states (B, T, H'), after the cache's tokens.
+        A MaskedShape runs the full model with its masks (H' = H, zero outside the kept channels)."""
+        if isinstance(shape, MaskedShape):
+            if cache is not None:
+                raise AnyshapeError("a MaskedShape trains a router and cannot decode with a KVCache; pass a Shape")
+            return masked_hidden_states(self, input_ids, shape)
         if cache is not None and cache.shape != shape:
             raise AnyshapeError(
                 f"this KVCache holds keys and values of Shape {cache.shape.to_json()}, not of {shape.to_json()}; "

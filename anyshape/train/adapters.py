@@ -25,27 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anyshape.errors import AnyshapeError
-from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLinear, ElasticLlama
+from anyshape.model.masks import shape_features
 from anyshape.model.slicing import axes_of, slice_along
 from anyshape.shape import Shape
 
 ADAPTERS = ("full", "lora", "smol")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def shape_features(shape: Shape, config: LlamaFamilyConfig) -> Tensor:
-    """(5,) the Shape's size on each elastic axis as a fraction of the parent's: depth, hidden,
-    KV groups, query heads per group, MLP neurons (the gate's input)."""
-    return torch.tensor(
-        [
-            len(shape.layers) / config.num_hidden_layers,
-            shape.hidden_size / config.hidden_size,
-            shape.num_key_value_heads / config.num_key_value_heads,
-            shape.queries_per_group / config.queries_per_group,
-            shape.intermediate_size / config.intermediate_size,
-        ]
-    )
 
 
 class LoRA(nn.Module):
@@ -133,17 +119,27 @@ def add_adapters(
 
 
 def has_adapters(model: ElasticLlama) -> bool:
-    return any(projection.adapter is not None for _, projection in projections(model))
+    """Whether any projection has an adapter or a modulation (what `merged` folds)."""
+    return any(p.adapter is not None or p.modulation is not None for _, p in projections(model))
 
 
 @torch.no_grad()
 def merged(model: ElasticLlama, shape: Shape) -> ElasticLlama:
-    """A copy of `model` with every adapter folded into its base weight for `shape` (SMOL's
-    mixture depends on the Shape), and no adapters: a plain model whose `shape` slice computes
-    what the adapted model computes at `shape`."""
+    """A copy of `model` with every adapter and modulation folded into its base weights for
+    `shape` (SMOL's mixture and the modulation depend on the Shape), and neither left: a plain
+    model whose `shape` slice computes what the adapted model computes at `shape`.
+
+    y = s * (W x + b + dW x)  folds into  W' = s[:, None] * (W + dW),  b' = s * b."""
     plain = copy.deepcopy(model)
     for _, projection in projections(plain):
-        if projection.adapter is not None:  # a new tensor: the weight may be shared with another layer
-            projection.weight = nn.Parameter(projection.weight + projection.adapter.delta_weight(shape))
-            projection.adapter = None
+        weight, bias = projection.weight, projection.bias  # new tensors: a weight may be shared by two layers
+        if projection.adapter is not None:
+            weight = weight + projection.adapter.delta_weight(shape)
+        if projection.modulation is not None:
+            scale = projection.modulation.scale(shape)  # (out,)
+            weight = scale[:, None] * weight
+            bias = None if bias is None else scale * bias
+        projection.weight = nn.Parameter(weight, requires_grad=False)
+        projection.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        projection.adapter = projection.modulation = None
     return plain

@@ -3,7 +3,8 @@
     RUN/train.json                    settings, the parent and the search space (written at start)
     RUN/checkpoint/weights.safetensors  the trainable parameters (all of them, or the adapters)
     RUN/checkpoint/optimizer.pt       AdamW's state, keyed by parameter name (weights_only load)
-    RUN/checkpoint/state.json         step, scheduler and loss-balancer state
+    RUN/checkpoint/state.json         step, schedulers' and loss-balancer state
+    RUN/checkpoint/router.safetensors, router_optimizer.pt   the budget router (runs with --router)
     RUN/metrics.jsonl                 one line per logged step and per evaluation
 
 The state dicts go through torch.distributed.checkpoint.state_dict, which gathers DDP and FSDP
@@ -24,9 +25,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from anyshape.errors import CheckpointError
 from anyshape.files import atomic_directory
 from anyshape.model.llama import ElasticLlama
+from anyshape.router.router import BudgetRouter
 
 CHECKPOINT = "checkpoint"
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
+ROUTER, ROUTER_OPTIMIZER = "router.safetensors", "router_optimizer.pt"
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -35,11 +38,19 @@ def trainable_names(model: nn.Module) -> set[str]:
     return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def save_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def save_checkpoint(
+    run: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    router: nn.Module | None = None,
+    router_optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Writes RUN/checkpoint/ (replacing the previous one only once complete). Every process of
-    a distributed run calls it; rank 0 writes."""
+    a distributed run calls it; rank 0 writes. `optimizer` is None when the model is frozen; the
+    router (replicated in every process) is saved as it is."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    model_state, optimizer_state = get_state_dict(model, optimizer or (), options=options)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     names = trainable_names(model)
@@ -48,10 +59,20 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
         save_file(weights, folder / WEIGHTS)
         torch.save(optimizer_state, folder / OPTIMIZER)
         (folder / STATE).write_text(json.dumps(state, indent=1))
+        if router is not None:
+            save_file({k: v.contiguous() for k, v in router.state_dict().items()}, folder / ROUTER)
+            torch.save(router_optimizer.state_dict(), folder / ROUTER_OPTIMIZER)
 
 
-def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Loads the trainable weights (and the optimizer's state) into `model`; returns state.json."""
+def load_checkpoint(
+    run: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    router: nn.Module | None = None,
+    router_optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, Any]:
+    """Loads the trainable weights (and the optimizer's state) into `model`, and the router's
+    (and its optimizer's) when given; returns state.json."""
     folder = run / CHECKPOINT
     if not (folder / STATE).is_file():
         raise CheckpointError(f"{run} has no finished checkpoint yet ({folder / STATE} is missing); start it again")
@@ -65,17 +86,39 @@ def load_checkpoint(run: Path, model: nn.Module, optimizer: torch.optim.Optimize
     else:
         optimizer_state = torch.load(folder / OPTIMIZER, weights_only=True)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state, options=options)
+    if router is not None:
+        if not (folder / ROUTER).is_file():
+            raise CheckpointError(f"{run} has no router ({folder / ROUTER} is missing); was it trained with --router?")
+        router.load_state_dict(load_file(folder / ROUTER, device=str(router.anchors.device)))
+        if router_optimizer is not None:
+            router_optimizer.load_state_dict(torch.load(folder / ROUTER_OPTIMIZER, weights_only=True))
     return json.loads((folder / STATE).read_text())
 
 
 def load_run(run: Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
     """The trained model of RUN: its parent with the run's adapters and trained weights."""
     from anyshape.model.load import load
-    from anyshape.train.adapters import add_adapters
+    from anyshape.train.elastic import add_trainable_modules
     from anyshape.train.settings import read_settings
 
     settings = read_settings(run)
     model = load(settings.model, dtype=dtype)
-    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
+    add_trainable_modules(model, settings)
     load_checkpoint(run, model)
     return model.requires_grad_(False).eval()
+
+
+def load_router(run: Path) -> BudgetRouter:
+    """The budget router a run trained (`anyshape train --router`)."""
+    from anyshape.model.load import load_config
+    from anyshape.train.settings import read_settings
+
+    settings = read_settings(run)
+    if not settings.router:
+        raise CheckpointError(f"{run} was trained without a router; train one with --router --anchors ...")
+    router = BudgetRouter(settings.space(load_config(settings.model)), settings.anchors, settings.budget_basis)
+    folder = run / CHECKPOINT
+    if not (folder / ROUTER).is_file():
+        raise CheckpointError(f"{run} has no finished checkpoint yet ({folder / ROUTER} is missing)")
+    router.load_state_dict(load_file(folder / ROUTER))
+    return router.eval()

@@ -30,15 +30,16 @@ from torch import Tensor, nn
 from anyshape.data.text import default_text
 from anyshape.errors import AnyshapeError
 from anyshape.evaluate.perplexity import mean_nll
-from anyshape.importance.scores import scores_beside
 from anyshape.model.llama import ElasticLlama
-from anyshape.model.load import load, load_config, load_tokenizer, resolve
-from anyshape.search.space import SearchSpace
+from anyshape.model.load import load, load_config, load_tokenizer
+from anyshape.router.budget import Budget
+from anyshape.router.router import BudgetRouter, temperature
 from anyshape.shape import Shape
 from anyshape.train.adapters import add_adapters
 from anyshape.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
 from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
+from anyshape.train.modulation import add_modulation
 from anyshape.train.sampling import ShapeSampler
 from anyshape.train.settings import RUN_FILE, TrainSettings, read_settings
 
@@ -121,19 +122,29 @@ def _train(
         )
     batches = Batches(data.train, micro_batch, settings.seed)
     model = load(settings.model).to(device)
-    space = _space(settings, model)
+    space = settings.space(model.config)
     sampler = ShapeSampler(
         space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
         settings.seed,
     )  # fmt: skip
-    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
-    wrapped = _wrap(model, device, world, settings)
+    add_trainable_modules(model, settings)
+    router = BudgetRouter(space, settings.anchors, settings.budget_basis).to(device) if settings.router else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = _wrap(model, device, world, settings) if trainable else model
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio),
+    optimizer = (
+        torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        if trainable
+        else None  # router_only: the model is frozen
     )
+    router_optimizer = torch.optim.AdamW(router.parameters(), lr=settings.router_lr) if router else None
+    optimizers = [o for o in (optimizer, router_optimizer) if o is not None]
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(
+            o, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+        )
+        for o in optimizers
+    ]
     balancer = LossBalancer()
 
     _barrier(world)  # every process has checked its inputs before rank 0 writes
@@ -142,53 +153,67 @@ def _train(
     _barrier(world)
     step = 0
     if resume:
-        state = load_checkpoint(run, wrapped, optimizer)
+        state = load_checkpoint(run, wrapped, optimizer, router, router_optimizer)
         step = state["step"]
-        schedule.load_state_dict(state["schedule"])
+        for schedule, schedule_state in zip(schedules, state["schedules"], strict=True):
+            schedule.load_state_dict(schedule_state)
         balancer.load_state_dict(state["balancer"])
         log(f"resuming {run} at step {step} of {settings.steps}")
 
     def checkpoint() -> None:
         save_checkpoint(
             run, wrapped, optimizer,
-            {"step": step, "schedule": schedule.state_dict(), "balancer": balancer.state_dict()},
+            {"step": step, "schedules": [s.state_dict() for s in schedules], "balancer": balancer.state_dict()},
+            router, router_optimizer,
         )  # fmt: skip
 
     autocast = _autocast(settings.precision, device)
     metrics: dict[str, Any] = {}
     bar = _progress(progress and world.rank == 0, settings.steps, step)
     saved = step
+
+    def validate() -> dict[str, float]:
+        return _validate(model, data.val, _validation_shapes(sampler, router, settings), settings, autocast)
+
     if step == 0:  # the zero-shot baseline every later evaluation compares with
-        _log_metrics(run, world, {"step": 0, "val_ppl": _validate(model, data.val, sampler, settings, autocast)})
+        _log_metrics(run, world, {"step": 0, "val_ppl": validate()})
     try:
         while step < settings.steps:
             started = time.perf_counter()
-            shapes = sampler.shapes(step)
-            losses, seconds = _step(wrapped, shapes, batches, step, settings, world, device, autocast, balancer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-            skipped = not torch.isfinite(norm)
+            teacher, students = _students(sampler, router, step, settings)
+            losses, seconds = _step(
+                wrapped, teacher, students, batches, step, settings, world, device, autocast, balancer, bool(trainable)
+            )  # fmt: skip
+            norm = _clip(trainable, settings.max_grad_norm)
+            if router is not None:
+                _average_over_processes(router, world)
+                router_norm = _clip(list(router.parameters()), settings.max_grad_norm)
+            skipped = not torch.isfinite(norm) or (router is not None and not torch.isfinite(router_norm))
             if skipped:
-                log(f"step {step + 1}: gradient norm {norm.item()} is not finite; the step is skipped")
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                log(f"step {step + 1}: the gradient is not finite; the step is skipped")
+            for o in optimizers:
+                if not skipped:
+                    o.step()
+                o.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
-                schedule.step()
+                for schedule in schedules:
+                    schedule.step()
             step += 1
             tokens = settings.batch_size * settings.seq_len
             metrics = {
                 "step": step,
-                "lr": schedule.get_last_lr()[0],
+                "lr": schedules[0].get_last_lr()[0],  # the model's (with router_only, the router's)
                 "loss": losses,
                 "grad_norm": norm.item(),
                 "skipped": skipped,
                 "seconds": time.perf_counter() - started,
-                "tokens_per_s": {slot: tokens / s for slot, s in seconds.items()},
+                "tokens_per_s": {slot: tokens / s for slot, s in seconds.items() if s > 0},
             }
+            if router is not None:
+                metrics["router"] = _router_metrics(router, step, settings)
             if step % settings.eval_every == 0 or step == settings.steps:
-                metrics["val_ppl"] = _validate(model, data.val, sampler, settings, autocast)
+                metrics["val_ppl"] = validate()
             if step % settings.log_every == 0 or "val_ppl" in metrics:
                 _log_metrics(run, world, metrics)
             if bar is not None:
@@ -212,7 +237,8 @@ def _train(
 
 def _step(
     model: nn.Module,
-    shapes: list[tuple[str, Shape]],
+    teacher_shape: tuple[str, Shape],
+    students: Callable[[int], list[Student]],
     batches: Batches,
     step: int,
     settings: TrainSettings,
@@ -220,12 +246,14 @@ def _step(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
     balancer: LossBalancer,
+    model_trains: bool,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Accumulates one optimizer step's gradients; returns the mean loss and the seconds of
-    forward + backward per slot."""
-    (teacher_slot, largest), students = shapes[0], shapes[1:]
-    losses = {slot: 0.0 for slot, _ in shapes}
-    seconds = {slot: 0.0 for slot, _ in shapes}
+    forward + backward per slot. `students(micro)` gives each micro-batch's smaller Shapes; the
+    largest Shape learns the next token only when the model has trainable weights."""
+    teacher_slot, largest = teacher_shape
+    losses: dict[str, float] = {teacher_slot: 0.0}
+    seconds: dict[str, float] = {teacher_slot: 0.0}
     for micro in range(settings.grad_accum):
         ids = shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size).to(device)
         with torch.no_grad(), autocast():
@@ -233,21 +261,25 @@ def _step(
         teacher_value = _mean_over_processes(lm_loss(teacher, ids), world)
         if settings.balance_losses:
             balancer.update(teacher_slot, teacher_value)  # the reference: updated first
-        for slot, shape in students:
+        if not model_trains:
+            losses[teacher_slot] += teacher_value / settings.grad_accum
+        for student in students(micro):
             started = time.perf_counter()
             with _no_sync(model), autocast():
-                logits = model(ids, shape=shape)
+                logits = model(ids, shape=student.shape)
                 if settings.kd == "none":
                     loss = lm_loss(logits, ids)
                 else:
                     loss = distillation_loss(settings.kd, logits, teacher)
                 value = _mean_over_processes(loss.detach(), world)
                 if settings.balance_losses:
-                    balancer.update(slot, value)
-                scale = balancer.scale(slot) if settings.balance_losses else 1.0
-                (loss * scale / settings.grad_accum).backward()
-            losses[slot] += value / settings.grad_accum
-            seconds[slot] += _synchronized(started, device)
+                    balancer.update(student.slot, value)
+                scale = balancer.scale(student.slot) if settings.balance_losses else 1.0
+                ((loss * scale + student.penalty) / settings.grad_accum).backward()
+            losses[student.slot] = losses.get(student.slot, 0.0) + value / settings.grad_accum
+            seconds[student.slot] = seconds.get(student.slot, 0.0) + _synchronized(started, device)
+        if not model_trains:
+            continue
         started = time.perf_counter()
         last = micro == settings.grad_accum - 1
         with contextlib.nullcontext() if last else _no_sync(model), autocast():
@@ -258,15 +290,65 @@ def _step(
     return losses, seconds
 
 
+@dataclass
+class Student:
+    """A Shape that learns from the largest in one micro-batch; `penalty` (a scalar) is added
+    to its loss (the router's budget loss, weighted), without loss balancing."""
+
+    slot: str
+    shape: Shape
+    penalty: Tensor | float = 0.0
+
+
+def _students(
+    sampler: ShapeSampler, router: BudgetRouter | None, step: int, settings: TrainSettings
+) -> tuple[tuple[str, Shape], Callable[[int], list[Student]]]:
+    """The step's largest Shape (slot, Shape) and its students per micro-batch: the sampler's
+    Shapes, or with a router a fresh straight-through sample at each anchor budget."""
+    teacher, *sampled = sampler.shapes(step)
+    if router is None:
+        return teacher, lambda micro: [Student(slot, shape) for slot, shape in sampled]
+    tau = temperature(step, settings.steps, settings.tau_start, settings.tau_end)
+
+    def routed(micro: int) -> list[Student]:
+        generator = torch.Generator().manual_seed((settings.seed * 1_000_003 + step) * 1_009 + micro)
+        students = []
+        for anchor in settings.anchors:
+            logits = router.logits(anchor)
+            penalty = settings.budget_weight * router.budget_loss(anchor, logits)
+            students.append(Student(f"budget-{anchor:g}", router.sample(logits, tau, generator), penalty))
+        return students
+
+    return teacher, routed
+
+
 @torch.no_grad()
-def _validate(
-    model: nn.Module, val: Tensor, sampler: ShapeSampler, settings: TrainSettings, autocast
-) -> dict[str, float]:
-    """Perplexity of the largest and smallest Shapes (and every fixed one) on the first
-    `val_batches` x batch_size held-out sequences."""
-    rows = val[: settings.val_batches * settings.batch_size].to(next(model.parameters()).device)
+def _router_metrics(router: BudgetRouter, step: int, settings: TrainSettings) -> dict[str, Any]:
+    """The temperature of the step, and per anchor the expected parameters over its budget."""
+    return {
+        "tau": temperature(step - 1, settings.steps, settings.tau_start, settings.tau_end),
+        "expected/budget": {
+            f"budget-{a:g}": router.expected_fraction(router.logits(a)).item() / a for a in settings.anchors
+        },
+    }
+
+
+def _validation_shapes(sampler: ShapeSampler, router: BudgetRouter | None, settings: TrainSettings) -> dict[str, Shape]:
+    """The Shapes every evaluation reports: largest, smallest, the fixed ones, and with a
+    router the Shape it routes each anchor budget to."""
     shapes = {"largest": sampler.space.largest(), "smallest": sampler.space.smallest()}
     shapes.update({f"fixed-{i}": shape for i, shape in enumerate(sampler.fixed)})
+    if router is not None:
+        shapes.update({f"budget-{a:g}": router.route(Budget(a, settings.budget_basis)).shape for a in settings.anchors})
+    return shapes
+
+
+@torch.no_grad()
+def _validate(
+    model: nn.Module, val: Tensor, shapes: dict[str, Shape], settings: TrainSettings, autocast
+) -> dict[str, float]:
+    """Perplexity of each of `shapes` on the first `val_batches` x batch_size held-out sequences."""
+    rows = val[: settings.val_batches * settings.batch_size].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with autocast():
@@ -329,14 +411,6 @@ def _training_data(settings: TrainSettings, context: int) -> TrainingData:
     )
 
 
-def _space(settings: TrainSettings, model: nn.Module) -> SearchSpace:
-    """The Shapes training covers: the grid of `fractions`, depth keeping the best layers by the
-    scores beside the model when there are some, else the first ones."""
-    scores = scores_beside(resolve(settings.model), model.config)
-    ranking = scores.layers.argsort(descending=True, stable=True).tolist() if scores is not None else None
-    return SearchSpace.from_fractions(model.config, settings.fractions, ranking, settings.align)
-
-
 def _device(world: Distributed) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
@@ -376,6 +450,33 @@ def _no_sync(model: nn.Module) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def add_trainable_modules(model: ElasticLlama, settings: TrainSettings) -> None:
+    """Adds what `settings` train besides (or instead of) the weights: adapters, modulation;
+    with router_only the model's own weights are frozen."""
+    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
+    if settings.router_only:
+        model.requires_grad_(False)
+    if settings.modulation:
+        add_modulation(model)
+
+
+def _clip(parameters: list[Tensor], max_norm: float) -> Tensor:
+    """Clips the gradients' total norm to `max_norm` (0: no clipping); returns the norm before."""
+    if not parameters:
+        return torch.zeros(())
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+
+def _average_over_processes(module: nn.Module, world: Distributed) -> None:
+    """Averages `module`'s gradients over the processes (the router: used outside DDP/FSDP)."""
+    if world.enabled:
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world.world_size
 
 
 def _mean_over_processes(value: Tensor, world: Distributed) -> float:

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from anyshape.errors import AnyshapeError
-from anyshape.model.load import RUN_FILE
-from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS
+from anyshape.importance.scores import scores_beside
+from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.load import RUN_FILE, resolve
+from anyshape.router.budget import check_basis, parse_anchors
+from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS, SearchSpace
 from anyshape.train.adapters import ADAPTERS
 from anyshape.train.distill import KD_LOSSES
 from anyshape.train.sampling import SAMPLING
@@ -56,6 +59,15 @@ class TrainSettings:
     eval_every: int = 50
     log_every: int = 1
     seed: int = 0
+    router: bool = False  # students: the Shapes a learned budget router samples at each anchor
+    anchors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # router: budgets it trains at
+    budget_basis: str = "total"  # router: budgets count total or non-embedding parameters
+    budget_weight: float = 100.0  # router: weight of the over-budget penalty
+    router_lr: float = 1e-2
+    tau_start: float = 1.0  # router: Gumbel-softmax temperature, annealed exponentially
+    tau_end: float = 0.1
+    router_only: bool = False  # router: train the router alone, the model frozen
+    modulation: bool = False  # Shape-conditioned output scales on o_proj and down_proj
 
     @property
     def learning_rate(self) -> float:
@@ -86,7 +98,25 @@ class TrainSettings:
             raise AnyshapeError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise AnyshapeError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        parse_anchors(self.anchors)
+        check_basis(self.budget_basis)
+        if not (self.tau_start > 0 and self.tau_end > 0):
+            raise AnyshapeError(f"tau_start={self.tau_start} and tau_end={self.tau_end} must be positive")
+        if self.router_only and not self.router:
+            raise AnyshapeError("router_only trains the router alone: pass --router too")
+        if self.router_only and self.adapter != "full":
+            raise AnyshapeError(
+                f"router_only keeps the model frozen, so --adapter {self.adapter} would never train; "
+                "drop one of the two"
+            )
         return self
+
+    def space(self, config: LlamaFamilyConfig) -> SearchSpace:
+        """The Shapes training covers: the grid of `fractions`, depth keeping the best layers by
+        the scores beside the model when there are some, else the first ones."""
+        scores = scores_beside(resolve(self.model), config)
+        ranking = scores.layers.argsort(descending=True, stable=True).tolist() if scores is not None else None
+        return SearchSpace.from_fractions(config, self.fractions, ranking, self.align)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +129,7 @@ class TrainSettings:
         if unknown:
             raise AnyshapeError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         values = dict(record)
-        for name in ("shapes", "fractions"):
+        for name in ("shapes", "fractions", "anchors"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)

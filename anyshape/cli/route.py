@@ -1,0 +1,70 @@
+"""`anyshape route`: the Shape a trained budget router picks for a parameter budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from anyshape.cli.app import JsonOpt, app, emit
+from anyshape.router.router import Route
+
+RunArg = Annotated[
+    Path, typer.Argument(help="Run folder of `anyshape train --router`.", metavar="RUN", show_default=False)
+]
+BudgetOpt = Annotated[
+    str,
+    typer.Option(
+        help="Fraction of the parent's parameters in (0, 1], e.g. 0.4, or a count such as 60M; counted as the "
+        "run was trained (--budget-basis: total or non-embedding parameters).",
+        metavar="BUDGET",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def route(run: RunArg, budget: BudgetOpt, as_json: JsonOpt = False) -> None:
+    """Print the Shape the router of RUN picks for BUDGET, its parameters, and whether it
+    meets the budget. Budgets between the trained anchors are interpolated; if the router's
+    own choice is over the budget, the answer is the most probable Shape within it (with a
+    warning).
+
+    \b
+    Examples:
+      anyshape route flex/ --budget 0.4 --json
+      anyshape route flex/ --budget 60M
+    """
+    emit(route_record(routed(run, budget)), as_json)
+
+
+def routed(run: Path, budget: str) -> Route:
+    """The router's answer for `budget`, warning on stderr when its own choice was over it."""
+    from anyshape.model.load import load_config
+    from anyshape.router.budget import Budget
+    from anyshape.train.checkpoint import load_router
+
+    router = load_router(run)
+    answer = router.route(Budget.parse(budget, load_config(run), router.basis))
+    if not answer.meets_budget:
+        chosen = answer.chosen.num_parameters(router.space.config, embeddings=router.basis == "total")
+        print(
+            f"warning: the router's choice has {chosen:,} parameters ({router.basis}), over the budget of "
+            f"{answer.budget_parameters:,}; using the most probable Shape within it",
+            file=sys.stderr,
+        )
+    return answer
+
+
+def route_record(answer: Route) -> dict:
+    return {
+        "budget": answer.budget.fraction,
+        "budget_basis": answer.budget.basis,
+        "budget_parameters": answer.budget_parameters,
+        "shape": answer.shape.to_dict(),
+        "num_parameters": answer.num_parameters,
+        "num_parameters_non_embedding": answer.num_parameters_non_embedding,
+        "meets_budget": answer.meets_budget,
+    }

@@ -1,0 +1,177 @@
+"""The learned budget router (LLaMaFlex): a budget -> one Shape choice per elastic axis.
+
+e(b)       the router's input: a learned embedding per anchor budget; between two anchors
+           the linear interpolation of theirs (the ends are held beyond the outermost)
+logits     MLP(e(b)) split into one categorical distribution per axis of the search space
+           (depth, hidden size, KV groups, query heads per group, MLP size) over its options
+training   a Gumbel-softmax sample per axis, one-hot in the forward and soft in the backward
+           (straight-through), turned into channel masks (`MaskedShape`); the budget loss
+           relu(E[params] / budget - 1), with E[params] the parameter count at the expected
+           sizes (exact: the count is multilinear in the sizes and the axes independent)
+routing    the argmax choice per axis; if its Shape is over the budget, the most probable
+           Shape of the grid that is within it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anyshape.errors import AnyshapeError
+from anyshape.model.masks import MaskedShape
+from anyshape.router.budget import Budget, parent_parameters
+from anyshape.search.space import AXES, SearchSpace
+from anyshape.shape import Shape, parameter_count
+
+
+@dataclass(frozen=True)
+class Route:
+    """The router's answer for a budget: `shape`, its parameters (total and non-embedding),
+    and whether the router's own choice met the budget (if not, `shape` is the fallback)."""
+
+    budget: Budget
+    shape: Shape
+    chosen: Shape  # the argmax choice per axis
+    num_parameters: int
+    num_parameters_non_embedding: int
+    budget_parameters: int
+
+    @property
+    def meets_budget(self) -> bool:
+        return self.chosen == self.shape
+
+
+class BudgetRouter(nn.Module):
+    """Maps a budget (fraction of the parent's parameters on `basis`) to per-axis choices."""
+
+    def __init__(self, space: SearchSpace, anchors: Sequence[float], basis: str = "total", width: int = 64):
+        super().__init__()
+        self.space, self.basis = space, basis
+        config = space.config
+        self.register_buffer("anchors", torch.tensor(sorted(anchors), dtype=torch.float64))
+        self.anchor_embeddings = nn.Parameter(torch.randn(len(anchors), width))
+        self.net = nn.Sequential(
+            nn.Linear(width, width), nn.SiLU(), nn.Linear(width, sum(len(space.options[a]) for a in AXES))
+        )
+        parent = {
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "num_key_value_heads": config.num_key_value_heads,
+            "queries_per_group": config.queries_per_group,
+            "intermediate_size": config.intermediate_size,
+        }
+        self.parent_sizes = parent
+        self.parent_parameters = parent_parameters(config, basis)
+        for axis in AXES:
+            options = space.options[axis]
+            self.register_buffer(f"sizes_{axis}", torch.tensor(options, dtype=torch.float32), persistent=False)
+            if axis == "num_hidden_layers":  # which layers each depth keeps
+                units = [[float(i in space.layer_sets[n]) for i in range(parent[axis])] for n in options]
+            else:  # a prefix of the units
+                units = [[float(i < n) for i in range(parent[axis])] for n in options]
+            self.register_buffer(f"units_{axis}", torch.tensor(units), persistent=False)
+
+    # ------------------------------------------------------------------ the distribution
+
+    def embedding(self, budget: float) -> Tensor:
+        """(width,) the router input for a budget fraction: interpolated between anchors."""
+        anchors = self.anchors.tolist()
+        budget = min(max(budget, anchors[0]), anchors[-1])
+        upper = next(i for i, anchor in enumerate(anchors) if anchor >= budget)
+        if anchors[upper] == budget or upper == 0:
+            return self.anchor_embeddings[upper]
+        t = (budget - anchors[upper - 1]) / (anchors[upper] - anchors[upper - 1])
+        return (1 - t) * self.anchor_embeddings[upper - 1] + t * self.anchor_embeddings[upper]
+
+    def logits(self, budget: float) -> dict[str, Tensor]:
+        """axis -> (k_axis,) logits over `space.options[axis]`."""
+        flat = self.net(self.embedding(budget))
+        return dict(zip(AXES, flat.split([len(self.space.options[a]) for a in AXES]), strict=True))
+
+    def expected_fraction(self, logits: dict[str, Tensor]) -> Tensor:
+        """() parameters at the expected size of every axis, as a fraction of the parent's
+        (both on the router's basis)."""
+        sizes = [logits[axis].softmax(-1) @ self._sizes(axis) for axis in AXES]
+        return parameter_count(self.space.config, *sizes, embeddings=self.basis == "total") / self.parent_parameters
+
+    def budget_loss(self, budget: float, logits: dict[str, Tensor]) -> Tensor:
+        """() relu(E[params] / budget - 1), `budget` a fraction: zero within the budget."""
+        return F.relu(self.expected_fraction(logits) / budget - 1)
+
+    # ------------------------------------------------------------------ training
+
+    def sample(self, logits: dict[str, Tensor], tau: float, generator: torch.Generator) -> MaskedShape:
+        """One straight-through Gumbel-softmax choice per axis, as the masks of its Shape."""
+        choice = {axis: straight_through(logits[axis], tau, generator) for axis in AXES}
+        masks = {axis: choice[axis] @ getattr(self, f"units_{axis}") for axis in AXES}
+        sizes = torch.stack([choice[axis] @ self._sizes(axis) / self.parent_sizes[axis] for axis in AXES])
+        return MaskedShape.of(
+            self.space.config,
+            layer_mask=masks["num_hidden_layers"],
+            hidden_mask=masks["hidden_size"],
+            head_mask=torch.outer(masks["num_key_value_heads"], masks["queries_per_group"]).flatten(),
+            neuron_mask=masks["intermediate_size"],
+            features=sizes,
+        )
+
+    # ------------------------------------------------------------------ routing
+
+    @torch.no_grad()
+    def route(self, budget: Budget) -> Route:
+        """The Shape for `budget` (which must be on the router's basis)."""
+        if budget.basis != self.basis:
+            raise AnyshapeError(f"this router was trained on {self.basis} budgets; ask for a {self.basis} budget")
+        config = self.space.config
+        logits = self.logits(budget.fraction)
+        chosen = self._shape([int(logits[axis].argmax()) for axis in AXES])
+        limit = budget.parameters(config)
+        shape = chosen if self._count(chosen) <= limit else self._most_probable_within(logits, limit)
+        return Route(
+            budget, shape, chosen, shape.num_parameters(config), shape.num_parameters(config, embeddings=False),
+            round(limit),
+        )  # fmt: skip
+
+    def _most_probable_within(self, logits: dict[str, Tensor], limit: float) -> Shape:
+        """The grid Shape of the highest probability (product over axes) within `limit` params."""
+        grids = torch.meshgrid(*(self._sizes(axis).double() for axis in AXES), indexing="ij")
+        params = parameter_count(self.space.config, *grids, embeddings=self.basis == "total")
+        scores = sum(
+            logits[axis].log_softmax(-1).double().reshape([-1 if i == j else 1 for j in range(len(AXES))])
+            for i, axis in enumerate(AXES)
+        )
+        scores = scores.masked_fill(params > limit, -torch.inf)
+        if torch.isinf(scores.max()):
+            smallest = self._count(self.space.smallest())
+            raise AnyshapeError(
+                f"no Shape of the router's space fits {limit:,.0f} parameters; its smallest has {smallest:,}: "
+                "ask for a larger budget"
+            )
+        return self._shape(list(torch.unravel_index(scores.argmax(), scores.shape)))
+
+    def _shape(self, indices: Sequence[int | Tensor]) -> Shape:
+        return self.space.shape({axis: self.space.options[axis][int(i)] for axis, i in zip(AXES, indices, strict=True)})
+
+    def _count(self, shape: Shape) -> int:
+        return shape.num_parameters(self.space.config, embeddings=self.basis == "total")
+
+    def _sizes(self, axis: str) -> Tensor:
+        return getattr(self, f"sizes_{axis}")
+
+
+def straight_through(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """(k,) a one-hot sample of softmax(logits) whose gradient is that of the Gumbel-softmax
+    relaxation at temperature `tau`; the noise comes from `generator` (CPU), so it replays."""
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(uniform)).to(logits)
+    soft = ((logits + gumbel) / tau).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft)
+    return hard - soft.detach() + soft
+
+
+def temperature(step: int, steps: int, start: float, end: float) -> float:
+    """The Gumbel-softmax temperature at `step`: annealed exponentially from `start` to `end`."""
+    return start * (end / start) ** (step / max(1, steps - 1))

@@ -1,0 +1,1 @@
+"""The learned budget router (LLaMaFlex): budgets, the router, routing any budget to a Shape."""

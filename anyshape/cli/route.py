@@ -27,10 +27,11 @@ BudgetOpt = Annotated[
 
 @app.command()
 def route(run: RunArg, budget: BudgetOpt, as_json: JsonOpt = False) -> None:
-    """Print the Shape the router of RUN picks for BUDGET, its parameters, and whether it
-    meets the budget. Budgets between the trained anchors are interpolated; if the router's
-    own choice is over the budget, the answer is the most probable Shape within it (with a
-    warning).
+    """Print the Shape the router of RUN picks for BUDGET, its parameters, and whether the
+    router's own choice met the budget. Budgets between the trained anchors are interpolated.
+    The answer never exceeds the budget (where the router's choice does, a warning says so and
+    the most probable Shape within it stands in) and grows with it: it is the largest of the
+    router's answers for every budget up to BUDGET, in steps of 1/256.
 
     \b
     Examples:
@@ -52,7 +53,7 @@ def routed(run: Path, budget: str) -> Route:
         chosen = answer.chosen.num_parameters(router.space.config, embeddings=router.basis == "total")
         print(
             f"warning: the router's choice has {chosen:,} parameters ({router.basis}), over the budget of "
-            f"{answer.budget_parameters:,}; using the most probable Shape within it",
+            f"{answer.budget_parameters:,}; answering with the largest Shape it picks within the budget",
             file=sys.stderr,
         )
     return answer

@@ -4,16 +4,19 @@ e(b)       the router's input: a learned embedding per anchor budget; between tw
            the linear interpolation of theirs (the ends are held beyond the outermost)
 logits     MLP(e(b)) split into one categorical distribution per axis of the search space
            (depth, hidden size, KV groups, query heads per group, MLP size) over its options
-training   a Gumbel-softmax sample per axis, one-hot in the forward and soft in the backward
-           (straight-through), turned into channel masks (`MaskedShape`); the budget loss
-           relu(E[params] / budget - 1), with E[params] the parameter count at the expected
-           sizes (exact: the count is multilinear in the sizes and the axes independent)
+training   a Gumbel-softmax sample per axis from softmax(logits / tau), one-hot in the forward
+           and soft in the backward (straight-through), turned into channel masks
+           (`MaskedShape`); tau anneals, so sampling explores first and ends near the argmax;
+           the budget loss relu(E[params] / budget - 1), E over that same distribution, is the
+           parameter count at the expected sizes (exact: the count is multilinear in the sizes
+           and the axes are independent)
 routing    the argmax choice per axis; if its Shape is over the budget, the most probable
            Shape of the grid that is within it
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,22 +30,24 @@ from anyshape.router.budget import Budget, parent_parameters
 from anyshape.search.space import AXES, SearchSpace
 from anyshape.shape import Shape, parameter_count
 
+INITIAL_PREFERENCE = 3.0  # initial logit of an option: this x its size / the parent's
+
+
+ROUTE_STEPS = 256  # budgets are routed in steps of 1/256 of the parent
+
 
 @dataclass(frozen=True)
 class Route:
     """The router's answer for a budget: `shape`, its parameters (total and non-embedding),
-    and whether the router's own choice met the budget (if not, `shape` is the fallback)."""
+    and whether the router's own choice at the budget (`chosen`) met it."""
 
     budget: Budget
     shape: Shape
-    chosen: Shape  # the argmax choice per axis
+    chosen: Shape  # the argmax choice per axis at the budget
+    meets_budget: bool
     num_parameters: int
     num_parameters_non_embedding: int
     budget_parameters: int
-
-    @property
-    def meets_budget(self) -> bool:
-        return self.chosen == self.shape
 
 
 class BudgetRouter(nn.Module):
@@ -74,6 +79,14 @@ class BudgetRouter(nn.Module):
             else:  # a prefix of the units
                 units = [[float(i < n) for i in range(parent[axis])] for n in options]
             self.register_buffer(f"units_{axis}", torch.tensor(units), persistent=False)
+        grids = torch.meshgrid(*(self._sizes(axis).double() for axis in AXES), indexing="ij")
+        counts = parameter_count(config, *grids, embeddings=basis == "total")  # (k_1, ..., k_5) every grid Shape's
+        self.register_buffer("grid_counts", counts, persistent=False)
+        # Start near the parent (logits rising with each option's size): the budget loss, an
+        # exact gradient, then trims each anchor down to its budget, where growing from small
+        # Shapes would rely on the noisier straight-through gradient alone.
+        with torch.no_grad():
+            self.net[2].bias.copy_(torch.cat([INITIAL_PREFERENCE * self._sizes(a) / parent[a] for a in AXES]))
 
     # ------------------------------------------------------------------ the distribution
 
@@ -92,15 +105,15 @@ class BudgetRouter(nn.Module):
         flat = self.net(self.embedding(budget))
         return dict(zip(AXES, flat.split([len(self.space.options[a]) for a in AXES]), strict=True))
 
-    def expected_fraction(self, logits: dict[str, Tensor]) -> Tensor:
-        """() parameters at the expected size of every axis, as a fraction of the parent's
-        (both on the router's basis)."""
-        sizes = [logits[axis].softmax(-1) @ self._sizes(axis) for axis in AXES]
+    def expected_fraction(self, logits: dict[str, Tensor], tau: float = 1.0) -> Tensor:
+        """() expected parameters of a Shape drawn from softmax(logits / tau), as a fraction of
+        the parent's (both on the router's basis)."""
+        sizes = [(logits[axis] / tau).softmax(-1) @ self._sizes(axis) for axis in AXES]
         return parameter_count(self.space.config, *sizes, embeddings=self.basis == "total") / self.parent_parameters
 
-    def budget_loss(self, budget: float, logits: dict[str, Tensor]) -> Tensor:
+    def budget_loss(self, budget: float, logits: dict[str, Tensor], tau: float = 1.0) -> Tensor:
         """() relu(E[params] / budget - 1), `budget` a fraction: zero within the budget."""
-        return F.relu(self.expected_fraction(logits) / budget - 1)
+        return F.relu(self.expected_fraction(logits, tau) / budget - 1)
 
     # ------------------------------------------------------------------ training
 
@@ -122,28 +135,38 @@ class BudgetRouter(nn.Module):
 
     @torch.no_grad()
     def route(self, budget: Budget) -> Route:
-        """The Shape for `budget` (which must be on the router's basis)."""
+        """The Shape for `budget` (on the router's basis), monotone in the budget: of the
+        answers `within` gives for every budget on a 1/ROUTE_STEPS grid up to this one that some
+        Shape fits (the budget itself if there is none), the one with the most parameters. So a larger
+        budget never gets a smaller Shape, and a budget gets at least its grid neighbour's."""
         if budget.basis != self.basis:
             raise AnyshapeError(f"this router was trained on {self.basis} budgets; ask for a {self.basis} budget")
         config = self.space.config
-        logits = self.logits(budget.fraction)
-        chosen = self._shape([int(logits[axis].argmax()) for axis in AXES])
-        limit = budget.parameters(config)
-        shape = chosen if self._count(chosen) <= limit else self._most_probable_within(logits, limit)
+        smallest = self.grid_counts.min().item() / self.parent_parameters  # below it nothing fits
+        first, last = math.ceil(smallest * ROUTE_STEPS - 1e-9), math.floor(budget.fraction * ROUTE_STEPS + 1e-9)
+        grid = [step / ROUTE_STEPS for step in range(max(1, first), last + 1)] or [budget.fraction]
+        shape = max((self.within(fraction) for fraction in grid), key=self._count)
+        chosen = self._argmax(self.logits(budget.fraction))
         return Route(
-            budget, shape, chosen, shape.num_parameters(config), shape.num_parameters(config, embeddings=False),
-            round(limit),
+            budget, shape, chosen, self._count(chosen) <= budget.parameters(config), shape.num_parameters(config),
+            shape.num_parameters(config, embeddings=False), round(budget.parameters(config)),
         )  # fmt: skip
+
+    def within(self, fraction: float) -> Shape:
+        """The argmax choice per axis at budget `fraction`, or if that Shape is over it, the most
+        probable Shape of the grid within it."""
+        logits = self.logits(fraction)
+        chosen = self._argmax(logits)
+        limit = fraction * self.parent_parameters
+        return chosen if self._count(chosen) <= limit else self._most_probable_within(logits, limit)
 
     def _most_probable_within(self, logits: dict[str, Tensor], limit: float) -> Shape:
         """The grid Shape of the highest probability (product over axes) within `limit` params."""
-        grids = torch.meshgrid(*(self._sizes(axis).double() for axis in AXES), indexing="ij")
-        params = parameter_count(self.space.config, *grids, embeddings=self.basis == "total")
         scores = sum(
             logits[axis].log_softmax(-1).double().reshape([-1 if i == j else 1 for j in range(len(AXES))])
             for i, axis in enumerate(AXES)
         )
-        scores = scores.masked_fill(params > limit, -torch.inf)
+        scores = scores.masked_fill(self.grid_counts > limit, -torch.inf)
         if torch.isinf(scores.max()):
             smallest = self._count(self.space.smallest())
             raise AnyshapeError(
@@ -151,6 +174,9 @@ class BudgetRouter(nn.Module):
                 "ask for a larger budget"
             )
         return self._shape(list(torch.unravel_index(scores.argmax(), scores.shape)))
+
+    def _argmax(self, logits: dict[str, Tensor]) -> Shape:
+        return self._shape([int(logits[axis].argmax()) for axis in AXES])
 
     def _shape(self, indices: Sequence[int | Tensor]) -> Shape:
         return self.space.shape({axis: self.space.options[axis][int(i)] for axis, i in zip(AXES, indices, strict=True)})
@@ -163,11 +189,11 @@ class BudgetRouter(nn.Module):
 
 
 def straight_through(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
-    """(k,) a one-hot sample of softmax(logits) whose gradient is that of the Gumbel-softmax
-    relaxation at temperature `tau`; the noise comes from `generator` (CPU), so it replays."""
+    """(k,) a one-hot sample of softmax(logits / tau) whose gradient is that of its
+    Gumbel-softmax relaxation; the noise comes from `generator` (CPU), so it replays."""
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     gumbel = -torch.log(-torch.log(uniform)).to(logits)
-    soft = ((logits + gumbel) / tau).softmax(-1)
+    soft = (logits / tau + gumbel).softmax(-1)
     hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft)
     return hard - soft.detach() + soft
 

@@ -315,7 +315,7 @@ def _students(
         students = []
         for anchor in settings.anchors:
             logits = router.logits(anchor)
-            penalty = settings.budget_weight * router.budget_loss(anchor, logits)
+            penalty = settings.budget_weight * router.budget_loss(anchor, logits, tau)
             students.append(Student(f"budget-{anchor:g}", router.sample(logits, tau, generator), penalty))
         return students
 
@@ -325,10 +325,11 @@ def _students(
 @torch.no_grad()
 def _router_metrics(router: BudgetRouter, step: int, settings: TrainSettings) -> dict[str, Any]:
     """The temperature of the step, and per anchor the expected parameters over its budget."""
+    tau = temperature(step - 1, settings.steps, settings.tau_start, settings.tau_end)
     return {
-        "tau": temperature(step - 1, settings.steps, settings.tau_start, settings.tau_end),
+        "tau": tau,
         "expected/budget": {
-            f"budget-{a:g}": router.expected_fraction(router.logits(a)).item() / a for a in settings.anchors
+            f"budget-{a:g}": router.expected_fraction(router.logits(a), tau).item() / a for a in settings.anchors
         },
     }
 

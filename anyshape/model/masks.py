@@ -37,7 +37,10 @@ class MaskedShape(Shape):
     """The full Shape of a parent, with masks that select a sub-network.
 
     layer_mask (L,), hidden_mask (H,), head_mask (Q,) in the (G, q) order of the query heads,
-    neuron_mask (F,); features (5,): the selected sizes as `shape_features` gives them.
+    neuron_mask (F,); features (5,): the selected sizes as `shape_features` gives them. The head
+    and neuron masks may also be given per layer, (L, Q) and (L, F), as structured pruning learns
+    them; with hard masks that keep equally many units in every layer, sorting each layer's
+    kept units first (`anyshape.importance.permute`) makes it a Shape.
     """
 
     layer_mask: Tensor
@@ -95,10 +98,12 @@ def masked_rms_norm(norm: RMSNorm, x: Tensor, hidden: Tensor) -> Tensor:
 @contextlib.contextmanager
 def _masked_taps(model: ElasticLlama, shape: MaskedShape) -> Iterator[None]:
     """Masks the attention heads entering o_proj and the MLP neurons entering down_proj."""
-    head_channels = shape.head_mask.repeat_interleave(model.config.head_dim)  # (Q d,)
+    layers = model.config.num_hidden_layers
+    heads = shape.head_mask.expand(layers, -1).repeat_interleave(model.config.head_dim, dim=-1)  # (L, Q d)
+    neurons = shape.neuron_mask.expand(layers, -1)  # (L, F)
     taps: list[tuple[nn.Module, Tensor]] = []
-    for layer in model.model.layers:
-        taps += [(layer.self_attn.head_outputs, head_channels), (layer.mlp.neuron_outputs, shape.neuron_mask)]
+    for i, layer in enumerate(model.model.layers):
+        taps += [(layer.self_attn.head_outputs, heads[i]), (layer.mlp.neuron_outputs, neurons[i])]
     handles = [tap.register_forward_hook(lambda _, __, y, m=mask: y * m) for tap, mask in taps]
     try:
         yield

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import anyshape
 from anyshape import AnyshapeError, Shape
+from anyshape.model.masks import MaskedShape
 from anyshape.router.budget import Budget, parse_anchors
 from anyshape.router.router import BudgetRouter, straight_through
 from anyshape.search.space import AXES, SearchSpace
@@ -247,3 +248,23 @@ def test_route_refuses_a_run_without_a_router_and_bad_router_settings(capsys, se
         train(replace(settings, router_only=True, out=settings.out + "-2"))
     with pytest.raises(AnyshapeError, match="anchor 1.2 is outside"):
         train(replace(settings, router=True, anchors=(0.5, 1.2), out=settings.out + "-3"))
+
+
+def test_per_layer_masks_select_each_layers_own_units(tiny_dir):
+    model = anyshape.load(tiny_dir(PARENT))
+    config = model.config
+    full = Shape.full(config)
+    generator = torch.Generator().manual_seed(0)
+    heads = (torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=generator) > 0.4).float()
+    neurons = (torch.rand(config.num_hidden_layers, config.intermediate_size, generator=generator) > 0.5).float()
+    features = torch.ones(5)
+    masked = MaskedShape.of(
+        config, layer_mask=torch.ones(4), hidden_mask=torch.ones(64), head_mask=heads, neuron_mask=neurons,
+        features=features,
+    )  # fmt: skip
+    with torch.no_grad():  # the same mask as zeroed weights: o_proj's head columns, down_proj's neuron columns
+        pruned = anyshape.load(tiny_dir(PARENT))
+        for i, layer in enumerate(pruned.model.layers):
+            layer.self_attn.o_proj.weight *= heads[i].repeat_interleave(config.head_dim)
+            layer.mlp.down_proj.weight *= neurons[i]
+        torch.testing.assert_close(model(INPUT_IDS, masked), pruned(INPUT_IDS, full), atol=1e-5, rtol=1e-5)

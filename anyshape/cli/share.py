@@ -93,6 +93,7 @@ def share_command(
           --components mlp --data train.txt --warmup-steps 200 --finetune-steps 200 --out shared/
       anyshape share smollm2-135m --replace explicit --pairs 21:20,23:22 --recovery scaled --out shared/
       anyshape share smollm2-135m --replace consecutive --start-layer 20 --count 4 --out shared/
+      torchrun --nproc_per_node 2 -m anyshape share smollm2-135m --start-layer 10 --out shared/
     """
     from anyshape.share.pipeline import ShareSettings, share
 

@@ -4,7 +4,8 @@ masked   = masks.sample(training=True)                       a fresh hard-concre
 loss     = LM loss (or KD loss against the teacher's logits) of model(input_ids, shape=masked)
            + lagrangian(masks.expected_fractions(), step)
 backward once; `optimizer` (mask logits, and the model's parameters if it trains them) descends,
-`lambda_optimizer` (maximize=True) ascends.
+`lambda_optimizer` (maximize=True) ascends. Freeze (requires_grad=False) the model parameters
+that `optimizer` does not hold, or their gradients accumulate.
 """
 
 from __future__ import annotations

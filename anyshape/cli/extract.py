@@ -34,28 +34,39 @@ def extract(
             show_default=False,
         ),
     ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Instead of --shape: the whole model, with a run's adapters and modulation or a shared model's "
+            "recovery merged into plain weights.",
+        ),
+    ] = False,
     dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Extract SHAPE of MODEL (or the Shape its router picks for BUDGET) into OUT: config.json,
-    model.safetensors, tokenizer, generation config and anyshape.json (provenance). It loads
-    with AutoModelForCausalLM; a run's adapters and modulation are folded into the weights.
+    """Extract SHAPE of MODEL into OUT: config.json, model.safetensors, tokenizer, generation
+    config and anyshape.json (provenance). It loads with AutoModelForCausalLM. A training run's
+    adapters and modulation, and a shared model's recovery, are merged into plain weights.
+    Instead of --shape: --budget B, the Shape a `train --router` run's router picks for B
+    (`anyshape extract flex/ --budget 0.4 --out m40/`), or --merge, the whole model.
 
     \b
-    Examples:
-      anyshape extract smollm2-135m --shape '{"num_hidden_layers": 20}' --out out/small
-      anyshape extract flex/ --budget 0.4 --out m40/
+    Example: anyshape extract smollm2-135m --shape '{"num_hidden_layers": 20}' --out out/small
     """
     import torch
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
-    if (shape is None) == (budget is None):
-        raise typer.BadParameter("give exactly one of --shape and --budget", param_hint="--shape")
+    if (shape is not None) + (budget is not None) + merge != 1:
+        raise typer.BadParameter("give exactly one of --shape, --budget and --merge", param_hint="--shape")
     check_out(out, overwrite)  # everything that can fail fast does so before the slow load
     answer = routed(Path(model), budget) if budget is not None else None
-    chosen = answer.shape if answer is not None else Shape.parse(shape, load_config(model))
+    if answer is not None:
+        chosen = answer.shape
+    else:
+        chosen = Shape.full(load_config(model)) if merge else Shape.parse(shape, load_config(model))
     tokenizer = load_tokenizer(model)
     elastic = load(model, dtype=getattr(torch, dtype))
     extra = {"route": route_record(answer)} if answer is not None else None

@@ -84,7 +84,7 @@ def share_command(
     fine-tunes all recovery parameters end to end on the next-token loss with the training loop
     of `anyshape train` (checkpoints, --resume, torchrun). OUT stores each tensor once plus the
     recovery factors; it is a MODEL for every command: `anyshape evaluate OUT --ppl`, `anyshape
-    info OUT` (stored vs effective size), `anyshape extract OUT --shape '{}' --out plain/` (a plain
+    info OUT` (stored vs effective size), `anyshape extract OUT --merge --out plain/` (a plain
     Hugging Face model, recovery merged, no storage saving).
 
     \b

@@ -294,7 +294,7 @@ def test_stride_larger_than_window(capsys, tiny_dir, tmp_path):
         (["eval", "MODEL", "--window", 1], ["--window", "2"]),
         (["eval", "MODEL", "--window", "big"], ["--window"]),
         (["eval", "MODEL", "--no-ppl"], ["nothing to evaluate", "--ppl"]),
-        (["extract", "MODEL", "--out", "OUT"], ["missing option", "--shape", "anyshape extract --help"]),
+        (["extract", "MODEL", "--out", "OUT"], ["exactly one of --shape, --budget and --merge", "extract --help"]),
         (["extract", "MODEL", "--shape", "{}", "--out", "OUT", "--dtype", "int8"], ["int8", "float32"]),
         (["info", "MODEL", "--nope"], ["no such option", "--nope", "anyshape info --help"]),
         (["info"], ["missing argument", "MODEL"]),

@@ -227,7 +227,7 @@ def test_share_command_writes_a_model_that_every_command_reads(capsys, tiny_dir,
     assert info["sharing"]["pairs"] == "2:1 3:1"
     status, stdout, err = run(capsys, "evaluate", out, "--ppl", "--data", text, "--json")
     assert status == 0, err
-    status, _, err = run(capsys, "extract", out, "--shape", "{}", "--out", tmp_path / "plain")
+    status, _, err = run(capsys, "extract", out, "--merge", "--out", tmp_path / "plain")
     assert status == 0, err
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     with torch.no_grad():

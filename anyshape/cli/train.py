@@ -21,6 +21,7 @@ from anyshape.train.settings import TrainSettings, read_settings
 
 DEFAULTS = TrainSettings()
 ROUTER_PANEL = "Budget router (LLaMaFlex)"
+DOMAINS_PANEL = "Domains and dynamic batch loading (Sheared LLaMA)"
 
 
 @app.command("train")
@@ -59,7 +60,7 @@ def train_command(
         str,
         typer.Option(
             help="Shapes per step: sandwich (largest, smallest, --random-shapes random), grid (largest and one per "
-            "parameter bin), fixed (largest and --shapes)."
+            "parameter bin), fixed (largest and --shapes), largest (it alone)."
         ),
     ] = DEFAULTS.sampling,
     random_shapes: Annotated[
@@ -156,6 +157,49 @@ def train_command(
             rich_help_panel=ROUTER_PANEL,
         ),
     ] = DEFAULTS.router_only,
+    domains: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --data: several domains, 'name=source,...', each batch mixed by domain weights "
+            "(initially their token shares).",
+            metavar="DOMAINS",
+            rich_help_panel=DOMAINS_PANEL,
+        ),
+    ] = None,
+    dynamic_batch: Annotated[
+        bool,
+        typer.Option(
+            help="Every --domain-update-every steps, up-weight the domains whose held-out loss is furthest above "
+            "its reference: w <- normalise(w * exp(max(loss - ref, 0))).",
+            rich_help_panel=DOMAINS_PANEL,
+        ),
+    ] = DEFAULTS.dynamic_batch,
+    reference_losses: Annotated[
+        str | None,
+        typer.Option(
+            help="--dynamic-batch: a JSON file {domain: reference loss, nats per token}.",
+            metavar="FILE",
+            rich_help_panel=DOMAINS_PANEL,
+        ),
+    ] = None,
+    reference_model: Annotated[
+        str | None,
+        typer.Option(
+            help="--dynamic-batch: ... or a model whose held-out losses are the references.",
+            metavar="MODEL",
+            rich_help_panel=DOMAINS_PANEL,
+        ),
+    ] = None,
+    domain_update_every: Annotated[
+        int, typer.Option(help="--dynamic-batch: steps between reweightings.", min=1, rich_help_panel=DOMAINS_PANEL)
+    ] = DEFAULTS.domain_update_every,
+    continue_training: Annotated[
+        bool,
+        typer.Option(
+            "--continue",
+            help="Continued training of MODEL itself: the same as --sampling largest (next-token loss).",
+        ),
+    ] = False,
     modulation: Annotated[
         bool,
         typer.Option(
@@ -184,6 +228,8 @@ def train_command(
     Examples:
       anyshape train smollm2-135m --data train.txt --out run/ --steps 200 --seq-len 256
       anyshape train smollm2-135m --router --anchors 0.25,0.5,0.75,1.0 --modulation --data train.txt --out flex/
+      anyshape train small/ --continue --dynamic-batch --domains code=code.jsonl,web=web.txt \\
+          --reference-losses ref.json --out run/
       anyshape train smollm2-135m --data train.txt --adapter smol --lora-rank 16 --experts 4 --out run/
       anyshape train --config recipes/smollm2-135m/elastic.yaml --resume run/
       torchrun --nproc_per_node 2 -m anyshape train --config recipes/smollm2-135m/elastic.yaml
@@ -194,8 +240,10 @@ def train_command(
         name: value
         for name, value in ctx.params.items()
         if ctx.get_parameter_source(name) == _click.core.ParameterSource.COMMANDLINE
-        and name not in ("config", "resume", "overwrite", "as_json")
+        and name not in ("config", "resume", "overwrite", "as_json", "continue_training")
     }
+    if continue_training:
+        given["sampling"] = "largest"
     given = _typed(given)
     if resume is not None:
         recorded = read_settings(resume).to_dict()
@@ -270,6 +318,15 @@ def _absolute_paths(settings: TrainSettings) -> TrainSettings:
             else value
         )
 
+    domains = settings.domains
+    if domains is not None:
+        domains = ",".join(
+            f"{name.strip()}={absolute(source.strip())}" if sep else entry
+            for entry in domains.split(",")
+            for name, sep, source in [entry.partition("=")]
+        )
     return replace(
-        settings, model=absolute(settings.model), data=absolute(settings.data), val_data=absolute(settings.val_data)
-    )
+        settings, model=absolute(settings.model), data=absolute(settings.data), val_data=absolute(settings.val_data),
+        domains=domains, reference_losses=absolute(settings.reference_losses),
+        reference_model=absolute(settings.reference_model),
+    )  # fmt: skip

@@ -39,6 +39,14 @@ from anyshape.train.adapters import add_adapters
 from anyshape.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
 from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
+from anyshape.train.domains import (
+    DomainMixture,
+    build_domain_data,
+    held_out_losses,
+    parse_domains,
+    read_reference_losses,
+    reference_losses_from_model,
+)
 from anyshape.train.modulation import add_modulation
 from anyshape.train.sampling import ShapeSampler
 from anyshape.train.settings import RUN_FILE, TrainSettings, read_settings
@@ -113,14 +121,19 @@ def _train(
     _check_run(run, settings, resume, overwrite)
     torch.manual_seed(settings.seed)  # the adapters' initialisation
 
-    data = _training_data(settings, load_config(settings.model).hf.max_position_embeddings)  # bad data fails fast
     micro_batch = settings.batch_size // settings.grad_accum
     if micro_batch % world.world_size:
         raise AnyshapeError(
             f"batch_size / grad_accum = {micro_batch} sequences must split evenly over {world.world_size} processes; "
             "choose a batch size that is a multiple of grad_accum x the number of processes"
         )
-    batches = Batches(data.train, micro_batch, settings.seed)
+    context = load_config(settings.model).hf.max_position_embeddings
+    if settings.domains is not None:  # bad data fails fast, before the model loads
+        mixture = _domain_mixture(settings, context, micro_batch)
+        batches, val = mixture, _mixed_held_out(mixture, settings.val_batches * settings.batch_size)
+    else:
+        data = _training_data(settings, context)
+        mixture, batches, val = None, Batches(data.train, micro_batch, settings.seed), data.val
     model = load(settings.model).to(device)
     space = settings.space(model.config)
     sampler = ShapeSampler(
@@ -146,6 +159,8 @@ def _train(
         for o in optimizers
     ]
     balancer = LossBalancer()
+    autocast = _autocast(settings.precision, device)
+    reference = _reference_losses(settings, mixture, autocast, device) if settings.dynamic_batch else None
 
     _barrier(world)  # every process has checked its inputs before rank 0 writes
     if not resume and world.rank == 0:
@@ -158,22 +173,24 @@ def _train(
         for schedule, schedule_state in zip(schedules, state["schedules"], strict=True):
             schedule.load_state_dict(schedule_state)
         balancer.load_state_dict(state["balancer"])
+        if mixture is not None:
+            mixture.load_state_dict(state["domains"])
         log(f"resuming {run} at step {step} of {settings.steps}")
 
     def checkpoint() -> None:
         save_checkpoint(
             run, wrapped, optimizer,
-            {"step": step, "schedules": [s.state_dict() for s in schedules], "balancer": balancer.state_dict()},
+            {"step": step, "schedules": [s.state_dict() for s in schedules], "balancer": balancer.state_dict()}
+            | ({"domains": mixture.state_dict()} if mixture is not None else {}),
             router, router_optimizer,
         )  # fmt: skip
 
-    autocast = _autocast(settings.precision, device)
     metrics: dict[str, Any] = {}
     bar = _progress(progress and world.rank == 0, settings.steps, step)
     saved = step
 
     def validate() -> dict[str, float]:
-        return _validate(model, data.val, _validation_shapes(sampler, router, settings), settings, autocast)
+        return _validate(model, val, _validation_shapes(sampler, router, settings), settings, autocast)
 
     if step == 0:  # the zero-shot baseline every later evaluation compares with
         _log_metrics(run, world, {"step": 0, "val_ppl": validate()})
@@ -212,6 +229,10 @@ def _train(
             }
             if router is not None:
                 metrics["router"] = _router_metrics(router, step, settings)
+            if settings.dynamic_batch and step % settings.domain_update_every == 0:
+                losses = _domain_losses(model, mixture, sampler.space.largest(), settings, world, autocast)
+                weights = mixture.update(losses, reference, batch=step * settings.grad_accum)
+                metrics["domains"] = {"loss": losses, "reference": reference, "weights": weights}
             if step % settings.eval_every == 0 or step == settings.steps:
                 metrics["val_ppl"] = validate()
             if step % settings.log_every == 0 or "val_ppl" in metrics:
@@ -239,7 +260,7 @@ def _step(
     model: nn.Module,
     teacher_shape: tuple[str, Shape],
     students: Callable[[int], list[Student]],
-    batches: Batches,
+    batches: Batches | DomainMixture,
     step: int,
     settings: TrainSettings,
     world: Distributed,
@@ -395,15 +416,68 @@ def _barrier(world: Distributed) -> None:
         torch.distributed.barrier()
 
 
-def _training_data(settings: TrainSettings, context: int) -> TrainingData:
-    """Packed training and held-out sequences of seq_len tokens, tokenised once into a cache."""
+def _domain_mixture(settings: TrainSettings, context: int, micro_batch: int) -> DomainMixture:
+    """The --domains sources, tokenised once, packed and split, mixed by their token counts."""
+    _check_context(settings, context)
+    data = build_domain_data(
+        load_tokenizer(settings.model), parse_domains(settings.domains), settings.seq_len, _token_cache(),
+        settings.val_fraction, settings.seed,
+    )  # fmt: skip
+    return DomainMixture(data, micro_batch, settings.seed)
+
+
+def _mixed_held_out(mixture: DomainMixture, rows: int) -> Tensor:
+    """(rows, S) held-out sequences for the perplexity log, an equal share from every domain."""
+    share = -(-rows // len(mixture.names))
+    return torch.cat([data.val[:share] for data in mixture.data.values()])[:rows]
+
+
+def _reference_losses(
+    settings: TrainSettings, mixture: DomainMixture, autocast, device: torch.device
+) -> dict[str, float]:
+    """Each domain's reference loss: from the --reference-losses file, or the held-out losses of
+    the --reference-model (the same held-out sequences every update measures)."""
+    if settings.reference_losses is not None:
+        return read_reference_losses(settings.reference_losses, mixture.names)
+    with autocast():
+        reference = load(settings.reference_model).to(device)
+        return reference_losses_from_model(reference, mixture, settings.batch_size, _held_out_rows(settings))
+
+
+def _domain_losses(
+    model: nn.Module, mixture: DomainMixture, shape: Shape, settings: TrainSettings, world: Distributed, autocast
+) -> dict[str, float]:
+    """Held-out loss per domain of `shape`, rank 0's in every process (so all mix alike)."""
+    with autocast():
+        losses = held_out_losses(model, mixture, shape, settings.batch_size, _held_out_rows(settings))
+    if world.enabled:
+        shared = [losses]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        losses = shared[0]
+    return losses
+
+
+def _held_out_rows(settings: TrainSettings) -> int:
+    return settings.val_batches * settings.batch_size
+
+
+def _check_context(settings: TrainSettings, context: int) -> None:
     if settings.seq_len > context:
         raise AnyshapeError(
             f"seq_len={settings.seq_len} is longer than the model's context of {context} tokens; "
             f"choose --seq-len {context} or less"
         )
+
+
+def _token_cache() -> Path:
+    return Path(os.environ.get("ANYSHAPE_CACHE", "~/.cache/anyshape")).expanduser() / "tokens"
+
+
+def _training_data(settings: TrainSettings, context: int) -> TrainingData:
+    """Packed training and held-out sequences of seq_len tokens, tokenised once into a cache."""
+    _check_context(settings, context)
     tokenizer = load_tokenizer(settings.model)
-    cache = Path(os.environ.get("ANYSHAPE_CACHE", "~/.cache/anyshape")).expanduser() / "tokens"
+    cache = _token_cache()
     if settings.data is None:
         ids = tokenize_documents(tokenizer, [default_text()])
         return split(pack(ids, settings.seq_len), settings.val_fraction, settings.seed)

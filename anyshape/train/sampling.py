@@ -3,6 +3,7 @@
     sandwich   the largest and the smallest Shape of the space, and n random grid Shapes
     grid       the largest, and one random Shape from each of n bins uniform in parameters
     fixed      the largest, and a given list of Shapes
+    largest    the largest alone (continued training of one model)
 
 The largest Shape comes first: it is the in-place teacher. The choice is a pure function of
 (seed, step), so a resumed run samples exactly what an uninterrupted one does, with no state.
@@ -19,7 +20,7 @@ from anyshape.errors import AnyshapeError
 from anyshape.search.space import SearchSpace
 from anyshape.shape import Shape
 
-SAMPLING = ("sandwich", "grid", "fixed")
+SAMPLING = ("sandwich", "grid", "fixed", "largest")
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ShapeSampler:
             for i, members in enumerate(self.bins):
                 if members:
                     chosen.append((f"bin-{i}", members[int(torch.randint(len(members), (1,), generator=generator))]))
-        else:
+        elif self.rule == "fixed":
             chosen += [(f"fixed-{i}", shape) for i, shape in enumerate(self.fixed)]
         firsts = {}
         for slot, shape in chosen:  # a Shape drawn twice trains once, in its first slot

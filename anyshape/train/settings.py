@@ -68,6 +68,11 @@ class TrainSettings:
     tau_end: float = 0.1
     router_only: bool = False  # router: train the router alone, the model frozen
     modulation: bool = False  # Shape-conditioned output scales on o_proj and down_proj
+    domains: str | None = None  # instead of data: 'name=source,...', batches mixed by domain weights
+    dynamic_batch: bool = False  # domains: reweight them by held-out loss over reference (Sheared LLaMA)
+    reference_losses: str | None = None  # dynamic_batch: a JSON file {domain: loss in nats per token}
+    reference_model: str | None = None  # dynamic_batch: ... or the model whose held-out losses they are
+    domain_update_every: int = 20  # dynamic_batch: steps between reweightings
 
     @property
     def learning_rate(self) -> float:
@@ -102,6 +107,17 @@ class TrainSettings:
         check_basis(self.budget_basis)
         if not (self.tau_start > 0 and self.tau_end > 0):
             raise AnyshapeError(f"tau_start={self.tau_start} and tau_end={self.tau_end} must be positive")
+        if self.domains is not None and self.data is not None:
+            raise AnyshapeError("give the training text either as --data or as --domains, not both")
+        if self.dynamic_batch and self.domains is None:
+            raise AnyshapeError("--dynamic-batch reweights domains: give them with --domains name=source,...")
+        if self.dynamic_batch and (self.reference_losses is None) == (self.reference_model is None):
+            raise AnyshapeError(
+                "--dynamic-batch compares each domain's loss with a reference: give exactly one of "
+                "--reference-losses ref.json and --reference-model MODEL"
+            )
+        if self.domain_update_every < 1:
+            raise AnyshapeError(f"domain_update_every={self.domain_update_every} must be at least 1")
         if self.router_only and not self.router:
             raise AnyshapeError("router_only trains the router alone: pass --router too")
         if self.router_only and self.adapter != "full":

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         importance,
         info,
         layers,
+        prune,
         report,
         route,
         rpd,

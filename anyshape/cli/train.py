@@ -253,7 +253,7 @@ def train_command(
     else:
         base = _read_config(config) if config is not None else {}
         settings = TrainSettings.from_dict({**base, **given}, "the options")
-    settings = _absolute_paths(settings)
+    settings = absolute_paths(settings)
     result = train(
         settings, resume=resume is not None, overwrite=overwrite, progress=True,
         log=lambda message: print(message, file=sys.stderr),
@@ -308,7 +308,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return record
 
 
-def _absolute_paths(settings: TrainSettings) -> TrainSettings:
+def absolute_paths(settings: TrainSettings) -> TrainSettings:
     """Local paths made absolute, so the run folder works from any directory."""
 
     def absolute(value: str | None) -> str | None:

@@ -4,7 +4,9 @@
     RUN/checkpoint/weights.safetensors  the trainable parameters (all of them, or the adapters)
     RUN/checkpoint/optimizer.pt       AdamW's state, keyed by parameter name (weights_only load)
     RUN/checkpoint/state.json         step, schedulers' and loss-balancer state
-    RUN/checkpoint/router.safetensors, router_optimizer.pt   the budget router (runs with --router)
+    RUN/checkpoint/NAME.safetensors, NAME_optimizer.pt   each companion module that trains beside
+                                      the model: the budget router (--router), pruning masks
+                                      and Lagrange multipliers (pruning)
     RUN/metrics.jsonl                 one line per logged step and per evaluation
 
 The state dicts go through torch.distributed.checkpoint.state_dict, which gathers DDP and FSDP
@@ -29,7 +31,7 @@ from anyshape.router.router import BudgetRouter
 
 CHECKPOINT = "checkpoint"
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
-ROUTER, ROUTER_OPTIMIZER = "router.safetensors", "router_optimizer.pt"
+Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer]]  # name -> (module, its optimizer)
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -43,12 +45,11 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
-    router: nn.Module | None = None,
-    router_optimizer: torch.optim.Optimizer | None = None,
+    companions: Companions | None = None,
 ) -> None:
     """Writes RUN/checkpoint/ (replacing the previous one only once complete). Every process of
     a distributed run calls it; rank 0 writes. `optimizer` is None when the model is frozen; the
-    router (replicated in every process) is saved as it is."""
+    companions (replicated in every process) are saved as they are."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optimizer_state = get_state_dict(model, optimizer or (), options=options)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -59,20 +60,19 @@ def save_checkpoint(
         save_file(weights, folder / WEIGHTS)
         torch.save(optimizer_state, folder / OPTIMIZER)
         (folder / STATE).write_text(json.dumps(state, indent=1))
-        if router is not None:
-            save_file({k: v.contiguous() for k, v in router.state_dict().items()}, folder / ROUTER)
-            torch.save(router_optimizer.state_dict(), folder / ROUTER_OPTIMIZER)
+        for name, (module, module_optimizer) in (companions or {}).items():
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / f"{name}.safetensors")
+            torch.save(module_optimizer.state_dict(), folder / f"{name}_optimizer.pt")
 
 
 def load_checkpoint(
     run: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    router: nn.Module | None = None,
-    router_optimizer: torch.optim.Optimizer | None = None,
+    companions: Companions | None = None,
 ) -> dict[str, Any]:
-    """Loads the trainable weights (and the optimizer's state) into `model`, and the router's
-    (and its optimizer's) when given; returns state.json."""
+    """Loads the trainable weights (and the optimizer's state) into `model`, and each
+    companion's (and its optimizer's); returns state.json."""
     folder = run / CHECKPOINT
     if not (folder / STATE).is_file():
         raise CheckpointError(f"{run} has no finished checkpoint yet ({folder / STATE} is missing); start it again")
@@ -86,12 +86,9 @@ def load_checkpoint(
     else:
         optimizer_state = torch.load(folder / OPTIMIZER, weights_only=True)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state, options=options)
-    if router is not None:
-        if not (folder / ROUTER).is_file():
-            raise CheckpointError(f"{run} has no router ({folder / ROUTER} is missing); was it trained with --router?")
-        router.load_state_dict(load_file(folder / ROUTER, device=str(router.anchors.device)))
-        if router_optimizer is not None:
-            router_optimizer.load_state_dict(torch.load(folder / ROUTER_OPTIMIZER, weights_only=True))
+    for name, (module, module_optimizer) in (companions or {}).items():
+        load_companion(run, name, module)
+        module_optimizer.load_state_dict(torch.load(folder / f"{name}_optimizer.pt", weights_only=True))
     return json.loads((folder / STATE).read_text())
 
 
@@ -108,6 +105,16 @@ def load_run(run: Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
     return model.requires_grad_(False).eval()
 
 
+def load_companion(run: Path, name: str, module: nn.Module) -> nn.Module:
+    """Loads RUN's checkpoint of the companion `name` into `module`; returns it."""
+    path = run / CHECKPOINT / f"{name}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{run} has no {name} in its checkpoint ({path} is missing)")
+    device = next(iter(module.state_dict().values())).device
+    module.load_state_dict(load_file(path, device=str(device)))
+    return module
+
+
 def load_router(run: Path) -> BudgetRouter:
     """The budget router a run trained (`anyshape train --router`)."""
     from anyshape.model.load import load_config
@@ -117,8 +124,4 @@ def load_router(run: Path) -> BudgetRouter:
     if not settings.router:
         raise CheckpointError(f"{run} was trained without a router; train one with --router --anchors ...")
     router = BudgetRouter(settings.space(load_config(settings.model)), settings.anchors, settings.budget_basis)
-    folder = run / CHECKPOINT
-    if not (folder / ROUTER).is_file():
-        raise CheckpointError(f"{run} has no finished checkpoint yet ({folder / ROUTER} is missing)")
-    router.load_state_dict(load_file(folder / ROUTER))
-    return router.eval()
+    return load_companion(run, "router", router).eval()

@@ -32,11 +32,10 @@ from anyshape.errors import AnyshapeError
 from anyshape.evaluate.perplexity import mean_nll
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.load import load, load_config, load_tokenizer
-from anyshape.router.budget import Budget
-from anyshape.router.router import BudgetRouter, temperature
 from anyshape.shape import Shape
 from anyshape.train.adapters import add_adapters
 from anyshape.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from anyshape.train.controllers import Controller, Student, controller
 from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
 from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
 from anyshape.train.domains import (
@@ -141,7 +140,8 @@ def _train(
         settings.seed,
     )  # fmt: skip
     add_trainable_modules(model, settings)
-    router = BudgetRouter(space, settings.anchors, settings.budget_basis).to(device) if settings.router else None
+    control = controller(settings, space, model.config, device)
+    companions = control.companions if control is not None else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = _wrap(model, device, world, settings) if trainable else model
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
@@ -150,14 +150,15 @@ def _train(
         if trainable
         else None  # router_only: the model is frozen
     )
-    router_optimizer = torch.optim.AdamW(router.parameters(), lr=settings.router_lr) if router else None
-    optimizers = [o for o in (optimizer, router_optimizer) if o is not None]
-    schedules = [
-        torch.optim.lr_scheduler.LambdaLR(
-            o, lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+    optimizers = [o for o in (optimizer, *(o for _, o in companions.values())) if o is not None]
+    schedules = []  # the model's learning rate; the companions' (router, masks, multipliers) stays constant
+    if optimizer is not None:
+        schedules.append(
+            torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda step: learning_rate_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio),
+            )
         )
-        for o in optimizers
-    ]
     balancer = LossBalancer()
     autocast = _autocast(settings.precision, device)
     reference = _reference_losses(settings, mixture, autocast, device) if settings.dynamic_batch else None
@@ -168,7 +169,7 @@ def _train(
     _barrier(world)
     step = 0
     if resume:
-        state = load_checkpoint(run, wrapped, optimizer, router, router_optimizer)
+        state = load_checkpoint(run, wrapped, optimizer, companions)
         step = state["step"]
         for schedule, schedule_state in zip(schedules, state["schedules"], strict=True):
             schedule.load_state_dict(schedule_state)
@@ -182,7 +183,7 @@ def _train(
             run, wrapped, optimizer,
             {"step": step, "schedules": [s.state_dict() for s in schedules], "balancer": balancer.state_dict()}
             | ({"domains": mixture.state_dict()} if mixture is not None else {}),
-            router, router_optimizer,
+            companions,
         )  # fmt: skip
 
     metrics: dict[str, Any] = {}
@@ -190,22 +191,23 @@ def _train(
     saved = step
 
     def validate() -> dict[str, float]:
-        return _validate(model, val, _validation_shapes(sampler, router, settings), settings, autocast)
+        return _validate(model, val, _validation_shapes(sampler, control), settings, autocast)
 
     if step == 0:  # the zero-shot baseline every later evaluation compares with
         _log_metrics(run, world, {"step": 0, "val_ppl": validate()})
     try:
         while step < settings.steps:
             started = time.perf_counter()
-            teacher, students = _students(sampler, router, step, settings)
+            teacher, students = _students(sampler, control, step)
+            largest_learns = bool(trainable) and settings.prune_target is None  # pruning trains the masked model
             losses, seconds = _step(
-                wrapped, teacher, students, batches, step, settings, world, device, autocast, balancer, bool(trainable)
+                wrapped, teacher, students, batches, step, settings, world, device, autocast, balancer, largest_learns
             )  # fmt: skip
-            norm = _clip(trainable, settings.max_grad_norm)
-            if router is not None:
-                _average_over_processes(router, world)
-                router_norm = _clip(list(router.parameters()), settings.max_grad_norm)
-            skipped = not torch.isfinite(norm) or (router is not None and not torch.isfinite(router_norm))
+            norms = [_clip(trainable, settings.max_grad_norm)]
+            for module, _ in companions.values():
+                _average_over_processes(module, world)
+                norms.append(_clip(list(module.parameters()), settings.max_grad_norm))
+            norm, skipped = norms[0], not all(torch.isfinite(n) for n in norms)
             if skipped:
                 log(f"step {step + 1}: the gradient is not finite; the step is skipped")
             for o in optimizers:
@@ -220,15 +222,15 @@ def _train(
             tokens = settings.batch_size * settings.seq_len
             metrics = {
                 "step": step,
-                "lr": schedules[0].get_last_lr()[0],  # the model's (with router_only, the router's)
+                "lr": schedules[0].get_last_lr()[0] if schedules else None,  # the model's
                 "loss": losses,
                 "grad_norm": norm.item(),
                 "skipped": skipped,
                 "seconds": time.perf_counter() - started,
                 "tokens_per_s": {slot: tokens / s for slot, s in seconds.items() if s > 0},
             }
-            if router is not None:
-                metrics["router"] = _router_metrics(router, step, settings)
+            if control is not None:
+                metrics.update(control.metrics(step))
             if settings.dynamic_batch and step % settings.domain_update_every == 0:
                 losses = _domain_losses(model, mixture, sampler.space.largest(), settings, world, autocast)
                 weights = mixture.update(losses, reference, batch=step * settings.grad_accum)
@@ -267,11 +269,12 @@ def _step(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
     balancer: LossBalancer,
-    model_trains: bool,
+    largest_learns: bool,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Accumulates one optimizer step's gradients; returns the mean loss and the seconds of
     forward + backward per slot. `students(micro)` gives each micro-batch's smaller Shapes; the
-    largest Shape learns the next token only when the model has trainable weights."""
+    largest Shape learns the next token if `largest_learns`, its backward last (the one that
+    synchronises gradients under DDP); else the last micro-batch's last student's does."""
     teacher_slot, largest = teacher_shape
     losses: dict[str, float] = {teacher_slot: 0.0}
     seconds: dict[str, float] = {teacher_slot: 0.0}
@@ -282,11 +285,14 @@ def _step(
         teacher_value = _mean_over_processes(lm_loss(teacher, ids), world)
         if settings.balance_losses:
             balancer.update(teacher_slot, teacher_value)  # the reference: updated first
-        if not model_trains:
+        if not largest_learns:
             losses[teacher_slot] += teacher_value / settings.grad_accum
-        for student in students(micro):
+        last = micro == settings.grad_accum - 1
+        micro_students = students(micro)
+        for index, student in enumerate(micro_students):
             started = time.perf_counter()
-            with _no_sync(model), autocast():
+            synchronise = last and not largest_learns and index == len(micro_students) - 1
+            with contextlib.nullcontext() if synchronise else _no_sync(model), autocast():
                 logits = model(ids, shape=student.shape)
                 if settings.kd == "none":
                     loss = lm_loss(logits, ids)
@@ -299,10 +305,9 @@ def _step(
                 ((loss * scale + student.penalty) / settings.grad_accum).backward()
             losses[student.slot] = losses.get(student.slot, 0.0) + value / settings.grad_accum
             seconds[student.slot] = seconds.get(student.slot, 0.0) + _synchronized(started, device)
-        if not model_trains:
+        if not largest_learns:
             continue
         started = time.perf_counter()
-        last = micro == settings.grad_accum - 1
         with contextlib.nullcontext() if last else _no_sync(model), autocast():
             loss = lm_loss(model(ids, shape=largest), ids)
             (loss / settings.grad_accum).backward()
@@ -311,57 +316,24 @@ def _step(
     return losses, seconds
 
 
-@dataclass
-class Student:
-    """A Shape that learns from the largest in one micro-batch; `penalty` (a scalar) is added
-    to its loss (the router's budget loss, weighted), without loss balancing."""
-
-    slot: str
-    shape: Shape
-    penalty: Tensor | float = 0.0
-
-
 def _students(
-    sampler: ShapeSampler, router: BudgetRouter | None, step: int, settings: TrainSettings
+    sampler: ShapeSampler, control: Controller | None, step: int
 ) -> tuple[tuple[str, Shape], Callable[[int], list[Student]]]:
     """The step's largest Shape (slot, Shape) and its students per micro-batch: the sampler's
-    Shapes, or with a router a fresh straight-through sample at each anchor budget."""
+    Shapes, or the controller's (router or pruning masks)."""
     teacher, *sampled = sampler.shapes(step)
-    if router is None:
+    if control is None:
         return teacher, lambda micro: [Student(slot, shape) for slot, shape in sampled]
-    tau = temperature(step, settings.steps, settings.tau_start, settings.tau_end)
-
-    def routed(micro: int) -> list[Student]:
-        generator = torch.Generator().manual_seed((settings.seed * 1_000_003 + step) * 1_009 + micro)
-        students = []
-        for anchor in settings.anchors:
-            logits = router.logits(anchor)
-            penalty = settings.budget_weight * router.budget_loss(anchor, logits, tau)
-            students.append(Student(f"budget-{anchor:g}", router.sample(logits, tau, generator), penalty))
-        return students
-
-    return teacher, routed
+    return teacher, lambda micro: control.students(step, micro)
 
 
-@torch.no_grad()
-def _router_metrics(router: BudgetRouter, step: int, settings: TrainSettings) -> dict[str, Any]:
-    """The temperature of the step, and per anchor the expected parameters over its budget."""
-    tau = temperature(step - 1, settings.steps, settings.tau_start, settings.tau_end)
-    return {
-        "tau": tau,
-        "expected/budget": {
-            f"budget-{a:g}": router.expected_fraction(router.logits(a), tau).item() / a for a in settings.anchors
-        },
-    }
-
-
-def _validation_shapes(sampler: ShapeSampler, router: BudgetRouter | None, settings: TrainSettings) -> dict[str, Shape]:
-    """The Shapes every evaluation reports: largest, smallest, the fixed ones, and with a
-    router the Shape it routes each anchor budget to."""
+def _validation_shapes(sampler: ShapeSampler, control: Controller | None) -> dict[str, Shape]:
+    """The Shapes every evaluation reports: largest, smallest, the fixed ones, and the
+    controller's (the router's Shape at each anchor, or the pruned sub-network)."""
     shapes = {"largest": sampler.space.largest(), "smallest": sampler.space.smallest()}
     shapes.update({f"fixed-{i}": shape for i, shape in enumerate(sampler.fixed)})
-    if router is not None:
-        shapes.update({f"budget-{a:g}": router.route(Budget(a, settings.budget_basis)).shape for a in settings.anchors})
+    if control is not None:
+        shapes.update(control.validation_shapes())
     return shapes
 
 

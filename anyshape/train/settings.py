@@ -68,6 +68,10 @@ class TrainSettings:
     tau_end: float = 0.1
     router_only: bool = False  # router: train the router alone, the model frozen
     modulation: bool = False  # Shape-conditioned output scales on o_proj and down_proj
+    prune_target: dict[str, int] | None = None  # targeted pruning (Sheared LLaMA) to these sizes
+    mask_lr: float = 0.1  # pruning: the masks' learning rate
+    lambda_lr: float = 0.1  # pruning: the Lagrange multipliers' (gradient ascent)
+    target_warmup_steps: int = 0  # pruning: steps over which the target moves from the parent to its sizes
     domains: str | None = None  # instead of data: 'name=source,...', batches mixed by domain weights
     dynamic_batch: bool = False  # domains: reweight them by held-out loss over reference (Sheared LLaMA)
     reference_losses: str | None = None  # dynamic_batch: a JSON file {domain: loss in nats per token}
@@ -118,6 +122,8 @@ class TrainSettings:
             )
         if self.domain_update_every < 1:
             raise AnyshapeError(f"domain_update_every={self.domain_update_every} must be at least 1")
+        if self.router and self.prune_target is not None:
+            raise AnyshapeError("a run either learns a budget router or prunes to a target, not both")
         if self.router_only and not self.router:
             raise AnyshapeError("router_only trains the router alone: pass --router too")
         if self.router_only and self.adapter != "full":

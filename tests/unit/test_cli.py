@@ -298,7 +298,7 @@ def test_stride_larger_than_window(capsys, tiny_dir, tmp_path):
         (["extract", "MODEL", "--shape", "{}", "--out", "OUT", "--dtype", "int8"], ["int8", "float32"]),
         (["info", "MODEL", "--nope"], ["no such option", "--nope", "anyshape info --help"]),
         (["info"], ["missing argument", "MODEL"]),
-        (["prune", "MODEL"], ["no such command", "prune", "anyshape --help"]),
+        (["shrink", "MODEL"], ["no such command", "shrink", "anyshape --help"]),
     ],
     ids=[
         "window-too-small",

@@ -105,6 +105,9 @@ def test_cli_prune_to_a_config_and_bad_targets(capsys, tiny_dir, text, tmp_path)
     )  # fmt: skip
     assert status == 0, err
     assert json.loads(stdout)["config"] == TARGET
+    status, stdout, err = run(capsys, "prune", "--resume", "--out", out, "--json")  # a finished run: re-finalised
+    assert status == 0, err
+    assert json.loads(stdout)["config"] == TARGET
     status, _, err = run(capsys, "train", out / "model", "--continue", "--data", text, "--steps", "1",
                          "--seq-len", "32", "--out", tmp_path / "continued")  # fmt: skip
     assert status == 0, err

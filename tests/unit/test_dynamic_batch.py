@@ -8,14 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 import anyshape
 from anyshape import AnyshapeError
 from anyshape.train.elastic import iterate_metrics, train
 from anyshape.train.settings import TrainSettings
 from tests.unit.test_cli import assert_bad_input, run
-from tests.unit.test_train import PARENT
+from tests.unit.test_train import PARENT, assert_same_state, train_interrupted_and_resumed
 
 
 @pytest.fixture
@@ -53,21 +52,10 @@ def test_a_domain_far_above_its_reference_gains_weight(settings):
 
 
 def test_killed_and_resumed_domain_run_equals_an_uninterrupted_one(settings):
-    reference = replace(settings, out=settings.out + "-reference")
-    train(reference)
-
-    def interrupt(step: int) -> None:
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(settings, on_step=interrupt)
-    train(settings, resume=True)
+    reference = train_interrupted_and_resumed(settings, 3)
     states = [json.loads((Path(r.out) / "checkpoint" / "state.json").read_text()) for r in (settings, reference)]
     assert states[0]["domains"] == states[1]["domains"]
-    resumed, uninterrupted = anyshape.load(settings.out), anyshape.load(reference.out)
-    for (name, a), (_, b) in zip(resumed.state_dict().items(), uninterrupted.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_state(anyshape.load(settings.out), anyshape.load(reference.out))
 
 
 def test_reference_losses_from_a_reference_model(settings):

@@ -19,7 +19,14 @@ from anyshape.prune.target import PruningTarget
 from anyshape.train.checkpoint import load_companion
 from anyshape.train.elastic import iterate_metrics, train
 from tests.unit.test_cli import assert_bad_input, run
-from tests.unit.test_train import PARENT, _train_as_rank, settings, text  # noqa: F401 (fixtures)
+from tests.unit.test_train import (  # noqa: F401 (fixtures)
+    PARENT,
+    _train_as_rank,
+    assert_same_state,
+    settings,
+    text,
+    train_interrupted_and_resumed,
+)
 
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
           "intermediate_size": 64}  # fmt: skip
@@ -49,29 +56,16 @@ def test_expected_sizes_reach_the_target_on_the_loop(prune_settings):
 
 def test_killed_and_resumed_pruning_equals_an_uninterrupted_one(prune_settings):
     prune_settings = replace(prune_settings, steps=6, save_every=3, eval_every=6, target_warmup_steps=2)
-    reference = replace(prune_settings, out=prune_settings.out + "-reference")
-    train(reference)
-
-    def interrupt(step: int) -> None:
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(prune_settings, on_step=interrupt)
-    train(prune_settings, resume=True)
+    reference = train_interrupted_and_resumed(prune_settings, 4)
     _assert_same_pruning(Path(prune_settings.out), Path(reference.out))
 
 
 def _assert_same_pruning(a: Path, b: Path) -> None:
     config = anyshape.load_config(a)
     target = PruningTarget.from_dict(TARGET, config)
-    pairs = [(anyshape.load(a), anyshape.load(b))]
-    pairs.append((load_companion(a, "masks", PruningMasks(config)), load_companion(b, "masks", PruningMasks(config))))
-    lagrangians = [load_companion(r, "lagrangian", Lagrangian(config, target)) for r in (a, b)]
-    pairs.append(tuple(lagrangians))
-    for x, y in pairs:
-        for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items(), strict=True):
-            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_state(anyshape.load(a), anyshape.load(b), atol=1e-5, rtol=1e-4)
+    for name, module in [("masks", lambda: PruningMasks(config)), ("lagrangian", lambda: Lagrangian(config, target))]:
+        assert_same_state(load_companion(a, name, module()), load_companion(b, name, module()), atol=1e-5, rtol=1e-4)
 
 
 def test_two_processes_prune_like_one(prune_settings):

@@ -25,7 +25,15 @@ from anyshape.train.checkpoint import load_router
 from anyshape.train.elastic import train
 from anyshape.train.modulation import add_modulation
 from tests.unit.test_cli import run
-from tests.unit.test_train import INPUT_IDS, PARENT, _train_as_rank, settings, text  # noqa: F401 (fixtures)
+from tests.unit.test_train import (  # noqa: F401 (fixtures)
+    INPUT_IDS,
+    PARENT,
+    _train_as_rank,
+    assert_same_state,
+    settings,
+    text,
+    train_interrupted_and_resumed,
+)
 
 BUDGETS = [0.25 + i * 0.0625 for i in range(13)]  # 0.25 .. 1 in sixteenths, most never trained
 
@@ -176,23 +184,13 @@ def test_a_trained_router_meets_its_anchors_and_grows_with_the_budget(router_set
 
 def test_router_and_modulation_resume_exactly(router_settings):
     run_settings = replace(router_settings, router_only=False, modulation=True, steps=6, save_every=3, eval_every=3)
-    reference = replace(run_settings, out=run_settings.out + "-reference")
-    train(reference)
-
-    def interrupt(step: int) -> None:
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(run_settings, on_step=interrupt)
-    train(run_settings, resume=True)
+    reference = train_interrupted_and_resumed(run_settings, 4)
     _assert_same_run(Path(run_settings.out), Path(reference.out))
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
-    for module_a, module_b in [(anyshape.load(a), anyshape.load(b)), (load_router(a), load_router(b))]:
-        for (name, x), (_, y) in zip(module_a.state_dict().items(), module_b.state_dict().items(), strict=True):
-            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_state(anyshape.load(a), anyshape.load(b), atol=1e-5, rtol=1e-4)
+    assert_same_state(load_router(a), load_router(b), atol=1e-5, rtol=1e-4)
 
 
 def test_two_processes_train_the_same_router_as_one(router_settings):

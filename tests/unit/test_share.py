@@ -24,10 +24,10 @@ from anyshape.share.storage import WEIGHTS, save_shared
 from anyshape.share.tie import projection, share_weights
 from anyshape.share.warmup import record_layers, warm_up
 from anyshape.train.adapters import merged
-from anyshape.train.elastic import train
 from anyshape.train.settings import TrainSettings
 from tests.conftest import byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run
+from tests.unit.test_train import assert_same_state, train_interrupted_and_resumed
 
 PARENT = "llama3-gqa"  # 4 layers, hidden 64, 8 query heads in 2 KV groups, MLP 96, untied
 SMALL = Shape(layers=(0, 2, 3), hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
@@ -169,19 +169,9 @@ def test_stage_two_trains_only_the_recovery_and_resumes_exactly(tiny_dir, text, 
         model=str(compact), data=str(text), out=str(tmp_path / "run"), fractions=(1.0,), random_shapes=0,
         kd="none", adapter="full", steps=4, seq_len=32, batch_size=4, lr=1e-2, save_every=2, eval_every=4,
     )  # fmt: skip
-    reference = replace(settings, out=str(tmp_path / "reference"))
-    train(reference)
-
-    def interrupt(step: int) -> None:
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(settings, on_step=interrupt)
-    train(settings, resume=True)
-    resumed, uninterrupted = anyshape.load(settings.out), anyshape.load(reference.out)
-    for (name, a), (_, b) in zip(resumed.state_dict().items(), uninterrupted.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    reference = train_interrupted_and_resumed(settings, 2)
+    resumed = anyshape.load(settings.out)
+    assert_same_state(resumed, anyshape.load(reference.out))
     from safetensors.torch import load_file
 
     saved = load_file(Path(settings.out) / "checkpoint" / "weights.safetensors")

@@ -140,23 +140,33 @@ def test_in_place_distillation_improves_the_students(settings):
         assert evaluations[1][slot] < 0.8 * evaluations[0][slot], f"{slot}: {evaluations}"
 
 
-@pytest.mark.parametrize("adapter", ["full", "smol"])
-def test_killed_and_resumed_run_ends_with_the_same_weights(settings, adapter):
-    settings = replace(settings, adapter=adapter, balance_losses=True, lora_rank=4)
+def train_interrupted_and_resumed(settings: TrainSettings, interrupt_after: int) -> TrainSettings:
+    """Trains `settings` uninterrupted into OUT-reference (returned), and into OUT interrupted by
+    Ctrl-C after step `interrupt_after` (checking that the interrupt saved that step), then resumed."""
     reference = replace(settings, out=settings.out + "-reference")
     train(reference)
 
     def interrupt(step: int) -> None:
-        if step == 4:
+        if step == interrupt_after:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train(settings, on_step=interrupt)
-    assert json.loads((Path(settings.out) / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert json.loads((Path(settings.out) / "checkpoint" / "state.json").read_text())["step"] == interrupt_after
     train(settings, resume=True)
-    resumed, uninterrupted = anyshape.load(settings.out), anyshape.load(reference.out)
-    for (name, a), (_, b) in zip(resumed.state_dict().items(), uninterrupted.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    return reference
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("adapter", ["full", "smol"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(settings, adapter):
+    settings = replace(settings, adapter=adapter, balance_losses=True, lora_rank=4)
+    reference = train_interrupted_and_resumed(settings, 4)
+    assert_same_state(anyshape.load(settings.out), anyshape.load(reference.out))
 
 
 def test_resume_refuses_other_settings_and_a_new_run_refuses_an_old_one(settings):
@@ -199,11 +209,9 @@ def test_two_processes_train_the_same_weights_as_one(settings, distributed, adap
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torch.multiprocessing.spawn(_train_as_rank, args=(2, port, settings), nprocs=2)
-    two, one = anyshape.load(settings.out), anyshape.load(single.out)
-    for (name, a), (_, b) in zip(two.state_dict().items(), one.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_state(anyshape.load(settings.out), anyshape.load(single.out), atol=1e-5, rtol=1e-4)
     parent = anyshape.load(settings.model)
-    assert not torch.equal(one(INPUT_IDS), parent(INPUT_IDS)), "training changed nothing"
+    assert not torch.equal(anyshape.load(single.out)(INPUT_IDS), parent(INPUT_IDS)), "training changed nothing"
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeypatch):

@@ -232,9 +232,9 @@ def _train(
             if control is not None:
                 metrics.update(control.metrics(step))
             if settings.dynamic_batch and step % settings.domain_update_every == 0:
-                losses = _domain_losses(model, mixture, sampler.space.largest(), settings, world, autocast)
-                weights = mixture.update(losses, reference, batch=step * settings.grad_accum)
-                metrics["domains"] = {"loss": losses, "reference": reference, "weights": weights}
+                held_out = _domain_losses(model, mixture, sampler.space.largest(), settings, world, autocast)
+                weights = mixture.update(held_out, reference, batch=step * settings.grad_accum)
+                metrics["domains"] = {"loss": held_out, "reference": reference, "weights": weights}
             if step % settings.eval_every == 0 or step == settings.steps:
                 metrics["val_ppl"] = validate()
             if step % settings.log_every == 0 or "val_ppl" in metrics:

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--update-every", type=int, default=20, help="steps between domain reweightings")
+    parser.add_argument("--lambda-lr", type=float, default=1.0, help="the Lagrange multipliers' learning rate")
     parser.add_argument("--test-tokens", type=int, default=16384, help="of the test protocol's tokens")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     targeted = args.out / "targeted"
     prune(
         replace(base, prune_target=TARGET, steps=args.prune_steps, warmup_steps=max(1, args.prune_steps // 10),
-                target_warmup_steps=args.prune_steps // 2),
+                target_warmup_steps=args.prune_steps // 4, lambda_lr=args.lambda_lr),
         targeted, overwrite=True, progress=True, log=print,
     )  # fmt: skip
     ranking = Scores.load(parent_folder / SCORES_FILENAME, parent.config).layers.argsort(descending=True).tolist()

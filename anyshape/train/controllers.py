@@ -76,6 +76,10 @@ class RouterControl:
         }
         return {"router": {"tau": tau, "expected/budget": expected}}
 
+    def trained_shape(self, largest: Shape) -> Shape:
+        """The Shape whose held-out losses steer dynamic batch loading: the largest."""
+        return largest
+
     def validation_shapes(self) -> dict[str, Shape]:
         """The Shape the router picks at each anchor budget."""
         basis = self.settings.budget_basis
@@ -116,6 +120,10 @@ class PruningControl:
     def validation_shapes(self) -> dict[str, Shape]:
         """The deterministic masks: the sub-network pruning has chosen so far."""
         return {"pruned": self.masks.sample(training=False)}
+
+    def trained_shape(self, largest: Shape) -> Shape:
+        """The Shape whose held-out losses steer dynamic batch loading: the pruned sub-network."""
+        return self.masks.sample(training=False)
 
 
 Controller = RouterControl | PruningControl

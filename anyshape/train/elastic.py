@@ -199,6 +199,7 @@ def _train(
         while step < settings.steps:
             started = time.perf_counter()
             teacher, students = _students(sampler, control, step)
+            largest = teacher[1]
             largest_learns = bool(trainable) and settings.prune_target is None  # pruning trains the masked model
             losses, seconds = _step(
                 wrapped, teacher, students, batches, step, settings, world, device, autocast, balancer, largest_learns
@@ -232,7 +233,8 @@ def _train(
             if control is not None:
                 metrics.update(control.metrics(step))
             if settings.dynamic_batch and step % settings.domain_update_every == 0:
-                held_out = _domain_losses(model, mixture, sampler.space.largest(), settings, world, autocast)
+                shape = control.trained_shape(largest) if control is not None else largest
+                held_out = _domain_losses(model, mixture, shape, settings, world, autocast)
                 weights = mixture.update(held_out, reference, batch=step * settings.grad_accum)
                 metrics["domains"] = {"loss": held_out, "reference": reference, "weights": weights}
             if step % settings.eval_every == 0 or step == settings.steps:

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     cut = args.out / "sorted" / MODEL
     anyshape.export_hf(parent, sorted_shape, cut, tokenizer=tokenizer, overwrite=True)
 
-    results: dict = {"settings": vars(args) | {"out": str(args.out), "scores": str(args.scores)}, "target": TARGET}
+    settings_record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results: dict = {"settings": settings_record, "target": TARGET}
     results["fraction_non_embedding"] = sorted_shape.num_parameters(parent.config, False) / Shape.full(
         parent.config
     ).num_parameters(parent.config, False)

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ranking = [i for n in sorted(router.space.layer_sets) for i in router.space.layer_sets[n]]
     ranking = list(dict.fromkeys(ranking))  # layers in the order depth selection adds them
 
-    results: dict = {"settings": vars(args) | {"out": str(args.out), "scores": str(args.scores)}, "budgets": {}}
+    settings_record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results: dict = {"settings": settings_record, "budgets": {}}
     calibration = calibration_ids(tokenizer, read_text(DATA / "wiki.valid.tokens"), 16, 256)
     quality = Quality(parent, calibration)
     for fraction in (*TRAINED, *INTERPOLATED):

@@ -47,6 +47,8 @@ def micro_batch_generator(settings: TrainSettings, step: int, micro: int) -> tor
 
 
 class RouterControl:
+    """The budget router's students (`--router`): one per anchor budget."""
+
     def __init__(self, settings: TrainSettings, space: SearchSpace, device: torch.device):
         self.settings = settings
         self.router = BudgetRouter(space, settings.anchors, settings.budget_basis).to(device)
@@ -87,6 +89,8 @@ class RouterControl:
 
 
 class PruningControl:
+    """Targeted pruning's student (`prune_target`): the masked model, with the Lagrangian."""
+
     def __init__(self, settings: TrainSettings, config: LlamaFamilyConfig, device: torch.device):
         self.settings = settings
         self.target = PruningTarget.from_dict(dict(settings.prune_target), config)

@@ -30,7 +30,7 @@ def test_share_then_info_and_merged_extract(capsys, tmp_path, monkeypatch):
     assert record["stored_parameters"] == 134_515_008 - 3 * mlp + recovery  # each shared MLP stored once
     assert 0 < record["stored_bytes"] - 4 * record["stored_parameters"] < 100_000  # float32 data + the header
 
-    assert main(["extract", str(out), "--shape", "{}", "--out", str(tmp_path / "plain")]) == 0
+    assert main(["extract", str(out), "--merge", "--out", str(tmp_path / "plain")]) == 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 import anyshape
@@ -21,10 +19,10 @@ from anyshape.train.elastic import iterate_metrics, train
 from tests.unit.test_cli import assert_bad_input, run
 from tests.unit.test_train import (  # noqa: F401 (fixtures)
     PARENT,
-    _train_as_rank,
     assert_same_state,
     settings,
     text,
+    train_in_one_and_two_processes,
     train_interrupted_and_resumed,
 )
 
@@ -70,12 +68,7 @@ def _assert_same_pruning(a: Path, b: Path) -> None:
 
 def test_two_processes_prune_like_one(prune_settings):
     prune_settings = replace(prune_settings, steps=3, grad_accum=2, save_every=3, eval_every=3)
-    single = replace(prune_settings, out=prune_settings.out + "-single")
-    train(single)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_train_as_rank, args=(2, port, prune_settings), nprocs=2)
+    single = train_in_one_and_two_processes(prune_settings)
     _assert_same_pruning(Path(prune_settings.out), Path(single.out))
 
 

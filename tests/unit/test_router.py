@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import re
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +27,10 @@ from tests.unit.test_cli import run
 from tests.unit.test_train import (  # noqa: F401 (fixtures)
     INPUT_IDS,
     PARENT,
-    _train_as_rank,
     assert_same_state,
     settings,
     text,
+    train_in_one_and_two_processes,
     train_interrupted_and_resumed,
 )
 
@@ -195,12 +194,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 def test_two_processes_train_the_same_router_as_one(router_settings):
     run_settings = replace(router_settings, router_only=False, steps=3, grad_accum=2, save_every=3, eval_every=3)
-    single = replace(run_settings, out=run_settings.out + "-single")
-    train(single)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_train_as_rank, args=(2, port, run_settings), nprocs=2)
+    single = train_in_one_and_two_processes(run_settings)
     _assert_same_run(Path(run_settings.out), Path(single.out))
 
 

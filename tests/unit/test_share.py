@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from anyshape.train.adapters import merged
 from anyshape.train.settings import TrainSettings
 from tests.conftest import byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run
-from tests.unit.test_train import assert_same_state, train_interrupted_and_resumed
+from tests.unit.test_train import assert_same_state, free_port, train_interrupted_and_resumed
 
 PARENT = "llama3-gqa"  # 4 layers, hidden 64, 8 query heads in 2 KV groups, MLP 96, untied
 SMALL = Shape(layers=(0, 2, 3), hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
@@ -239,10 +238,7 @@ def test_two_processes_share_like_one(tiny_dir, text, tmp_path):
         warmup_steps=5, warmup_sequences=8, finetune_steps=2, batch_size=4, lr=1e-2,
     )  # fmt: skip
     share(replace(settings, out=str(tmp_path / "one")))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_share_as_rank, args=(2, port, settings), nprocs=2)
+    torch.multiprocessing.spawn(_share_as_rank, args=(2, free_port(), settings), nprocs=2)
     two, one = anyshape.load(tmp_path / "two"), anyshape.load(tmp_path / "one")
     for (name, a), (_, b) in zip(two.state_dict().items(), one.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)

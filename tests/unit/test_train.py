@@ -200,15 +200,24 @@ def _train_as_rank(rank: int, world_size: int, port: int, settings: TrainSetting
     train(settings)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_in_one_and_two_processes(settings: TrainSettings) -> TrainSettings:
+    """Trains `settings` in 2 processes (gloo) into OUT, and in 1 into OUT-single (returned)."""
+    single = replace(settings, out=settings.out + "-single")
+    train(single)
+    torch.multiprocessing.spawn(_train_as_rank, args=(2, free_port(), settings), nprocs=2)
+    return single
+
+
 @pytest.mark.parametrize(("distributed", "adapter"), [("ddp", "full"), ("ddp", "smol"), ("fsdp", "full")])
 def test_two_processes_train_the_same_weights_as_one(settings, distributed, adapter):
     settings = replace(settings, steps=3, grad_accum=2, distributed=distributed, adapter=adapter, lora_rank=4)
-    single = replace(settings, out=settings.out + "-single")
-    train(single)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_train_as_rank, args=(2, port, settings), nprocs=2)
+    single = train_in_one_and_two_processes(settings)
     assert_same_state(anyshape.load(settings.out), anyshape.load(single.out), atol=1e-5, rtol=1e-4)
     parent = anyshape.load(settings.model)
     assert not torch.equal(anyshape.load(single.out)(INPUT_IDS), parent(INPUT_IDS)), "training changed nothing"

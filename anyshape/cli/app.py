@@ -47,6 +47,24 @@ ShapeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Read pickle weights (pytorch_model.bin, .pt) with torch.load(weights_only=True), which are "
+            "refused otherwise. For trusted files only: a pickle can run code. Give it before the command.",
+        ),
+    ] = False,
+) -> None:
+    if allow_pickle:
+        from anyshape.model.load import allowing_pickle
+
+        ctx.with_resource(allowing_pickle())
+
+
 def emit(record: dict[str, Any], as_json: bool) -> None:
     """Prints a result as JSON, or as aligned `key: value` lines."""
     if as_json:

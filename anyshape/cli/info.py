@@ -1,10 +1,10 @@
-"""`anyshape info`: a model's architecture and size, read from its config alone."""
+"""`anyshape info`: a model's architecture and size, read from its config (the weights' headers checked)."""
 
 from __future__ import annotations
 
 from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
 from anyshape.export.provenance import read_provenance
-from anyshape.model.load import SHARING_FILE, load_config, resolve
+from anyshape.model.load import SHARING_FILE, check_weights, load_config, resolve
 from anyshape.shape import Shape
 
 
@@ -19,6 +19,7 @@ def info(model: ModelArg, shape: ShapeOpt = None, as_json: JsonOpt = False) -> N
     Example: anyshape info smollm2-135m --json
     """
     config = load_config(model)
+    check_weights(model)  # headers only: a truncated or lying file is refused here, not when used
     chosen = Shape.parse(shape, config) if shape is not None else Shape.full(config)
     path = resolve(model)
     record = {

@@ -132,7 +132,7 @@ class AnyshapeRuntime:
 
 class TransformersRuntime:
     def __init__(self, folder: Path):
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
         # transformers 5 renames forward's `past_key_values` to `cache`; use the name it takes
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"

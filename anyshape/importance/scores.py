@@ -30,11 +30,13 @@ from anyshape.evaluate.perplexity import mean_nll
 from anyshape.importance.activations import AGGREGATIONS, record_activations
 from anyshape.importance.units import UNITS, owned_totals, unit_sizes
 from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.headers import FLOAT_DTYPES, check_finite, check_tensors, safetensors_header
 from anyshape.model.llama import ElasticLlama
 
 METRICS = ("activation", "magnitude", "taylor")
 LAYER_METRICS = ("bi", "drop")
 METADATA_KEY = "anyshape"
+RECOMPUTE = "recompute it with `anyshape importance`"
 
 
 @dataclass
@@ -76,10 +78,13 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path, config: LlamaFamilyConfig | None = None) -> Scores:
-        """Reads a scores file; with `config`, also checks that the scores fit that model."""
+        """Reads a scores file (its header checked first, its values finite); with `config`, also
+        checks that the scores fit that model."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"scores file {str(path)!r} not found; make one with `anyshape importance`")
+        unreadable = f"it is not a readable scores file; {RECOMPUTE}"
+        check_tensors(path, safetensors_header(path, unreadable, DataError), None, FLOAT_DTYPES, unreadable, DataError)
         try:
             tensors = load_file(path)
             with safe_open(path, "pt") as file:
@@ -89,6 +94,7 @@ class Scores:
         missing = [unit for unit in UNITS if unit not in tensors]
         if missing:
             raise DataError(f"{path} has no {missing[0]} scores; it is not an anyshape scores file")
+        check_finite(path, {unit: tensors[unit] for unit in UNITS}, RECOMPUTE, DataError)
         scores = cls(**{unit: tensors[unit] for unit in UNITS}, info=info)
         return scores.check(config) if config is not None else scores
 

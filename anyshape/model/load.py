@@ -1,10 +1,20 @@
 """Checkpoint I/O at the boundary: a Hugging Face folder (safetensors), a GGUF file, or the
-embedded default model, read into an ElasticLlama by key identity (HF parameter names)."""
+embedded default model, read into an ElasticLlama by key identity (HF parameter names).
+
+Model files are untrusted input: no code from a model folder ever runs (trust_remote_code=False
+everywhere), pickle checkpoints are refused unless explicitly allowed (and then read with
+torch.load(weights_only=True)), every header is checked against the config before anything is
+allocated (`anyshape.model.headers`), and weights holding NaN or inf are refused.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -15,6 +25,15 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.errors import CheckpointError, first_line
 from anyshape.model.config import SUPPORTED_MODEL_TYPES, LlamaFamilyConfig
+from anyshape.model.headers import (
+    FLOAT_DTYPES,
+    TensorHeader,
+    check_finite,
+    check_tensors,
+    gguf_header,
+    gguf_names,
+    safetensors_header,
+)
 from anyshape.model.llama import ElasticLlama
 
 RUN_FILE = "train.json"  # marks a folder `anyshape train` wrote: its parent plus trained weights
@@ -24,8 +43,29 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_REFUSAL = (
     "is a pickle checkpoint, which can run arbitrary code when loaded, so anyshape refuses it; "
     "convert it to safetensors in a trusted environment "
-    "(AutoModelForCausalLM.from_pretrained(...).save_pretrained(folder)) and pass that folder"
+    "(AutoModelForCausalLM.from_pretrained(...).save_pretrained(folder)) and pass that folder, "
+    "or, only if you trust the file, allow it: `anyshape --allow-pickle COMMAND ...` (allow_pickle=True)"
 )
+PICKLE_WEIGHTS = ("pytorch_model", "model")  # pickles that hold weights (not e.g. training_args.bin)
+TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+_ALLOW_PICKLE: ContextVar[bool] = ContextVar("allow_pickle", default=False)
+
+
+@contextmanager
+def allowing_pickle(allow: bool = True) -> Iterator[None]:
+    """Within this block, `load` (and every command's loading) reads pickle checkpoints as with
+    allow_pickle=True: with torch.load(weights_only=True), which unpickles only tensors and plain
+    containers. For files you trust only; the CLI's `anyshape --allow-pickle` enters it."""
+    token = _ALLOW_PICKLE.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_PICKLE.reset(token)
+
+
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """`allow_pickle`, or where it is None the enclosing `allowing_pickle` block's choice."""
+    return _ALLOW_PICKLE.get() if allow_pickle is None else allow_pickle
 
 
 def resolve(ref: str | Path) -> Path:
@@ -53,15 +93,15 @@ def resolve(ref: str | Path) -> Path:
         )
     if path.is_dir() and (path / RUN_FILE).is_file():
         return path
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES and not pickle_allowed():
         raise CheckpointError(f"{path} {PICKLE_REFUSAL}")
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and path.suffix in (".safetensors", *PICKLE_SUFFIXES):
         raise CheckpointError(f"{path} is a weights file; pass the folder that holds it and its config.json")
     if path.is_file() and path.suffix != ".gguf":
         raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face folder")
     if path.is_dir() and not (path / "config.json").is_file():
         pickles = _pickles(path)
-        if pickles and not any(path.glob("model*.safetensors")):
+        if pickles and not any(path.glob("model*.safetensors")) and not pickle_allowed():
             raise CheckpointError(f"{path / pickles[0]} {PICKLE_REFUSAL}")
         raise CheckpointError(
             f"{path} has no config.json; pass a Hugging Face model folder "
@@ -75,13 +115,15 @@ def load_hf_config(ref: str | Path) -> PretrainedConfig:
     path = resolve(ref)
     if run_parent(path) is not None:
         return load_hf_config(run_parent(path))
-    if path.suffix != ".gguf":
+    if path.suffix == ".gguf":
+        gguf_header(path)  # a truncated or corrupt file is named as such, not by a reader's error
+    else:
         _check_config_json(path / "config.json")
     try:
         if path.suffix == ".gguf":
-            hf = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            hf = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         else:
-            hf = AutoConfig.from_pretrained(path)
+            hf = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         fix = "re-download it" if path.suffix == ".gguf" else "fix or re-download config.json"
         raise CheckpointError(f"cannot read the config of {path} ({first_line(error)}); {fix}") from None
@@ -95,43 +137,31 @@ def load_config(ref: str | Path) -> LlamaFamilyConfig:
     return LlamaFamilyConfig.from_hf(load_hf_config(ref))
 
 
-def load(ref: str | Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
+def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool | None = None) -> ElasticLlama:
     """Loads a Llama/Mistral/Qwen2 checkpoint (or a training run: its parent with the run's
     adapters and trained weights; or a shared model of `anyshape share`) as an ElasticLlama
-    with `dtype` weights, on CPU."""
+    with `dtype` weights, on CPU.
+
+    Pickle weights (pytorch_model.bin, ...) are refused unless `allow_pickle` is True (None: as
+    the enclosing `allowing_pickle` block says, else False); for files you trust only."""
     path = resolve(ref)
     if run_parent(path) is not None:
         from anyshape.train.checkpoint import load_run
 
-        return load_run(path, dtype)
+        return load_run(path, dtype, allow_pickle)
     if path.is_dir() and (path / SHARING_FILE).is_file():
         from anyshape.share.storage import load_shared
 
         return load_shared(path, dtype)
-    hf = load_hf_config(path)
-    config = LlamaFamilyConfig.from_hf(hf)
-    state_dict = _read_gguf(path, dtype) if path.suffix == ".gguf" else _read_safetensors(path)
+    config = LlamaFamilyConfig.from_hf(load_hf_config(path))
     with torch.device("meta"):
         model = ElasticLlama(config)
-    expected = set(model.state_dict())
-    if config.tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    state_dict = {k: v.to(dtype) for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
-            "the weights and config.json come from different models"
-        )
-    sizes = model.state_dict()
-    for name, tensor in state_dict.items():
-        if tensor.shape != sizes[name].shape:
-            raise CheckpointError(
-                f"{path}: {name} is {tuple(tensor.shape)} in the weights but {tuple(sizes[name].shape)} "
-                "by config.json; the weights and config.json come from different models"
-            )
-    model.load_state_dict(state_dict, strict=False, assign=True)
+    expected = expected_shapes(model)
+    if path.suffix == ".gguf":
+        state_dict = _read_gguf(path, dtype, expected, config.num_hidden_layers)
+    else:
+        state_dict = _read_weights(path, expected, pickle_allowed(allow_pickle))
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
@@ -144,8 +174,8 @@ def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
         return load_tokenizer(run_parent(path))
     try:
         if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"no usable tokenizer in {path} ({first_line(error)}); save the parent's tokenizer "
@@ -164,36 +194,177 @@ def run_parent(path: Path) -> str | None:
         raise CheckpointError(f"{record} is unreadable ({first_line(error)}); the run folder is damaged") from None
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def check_weights(ref: str | Path) -> None:
+    """Checks MODEL's weights files against its config from their headers alone (dtypes,
+    shapes, sizes), without reading any tensor; raises CheckpointError naming the file, the
+    tensor and the fix. Pickle weights are left to `load`."""
+    path = resolve(ref)
+    if run_parent(path) is not None:
+        from anyshape.train.checkpoint import check_run
+
+        check_weights(run_parent(path))
+        check_run(path)
+        return
+    if path.is_dir() and (path / SHARING_FILE).is_file():
+        from anyshape.share.storage import check_shared
+
+        check_shared(path)
+        return
+    config = LlamaFamilyConfig.from_hf(load_hf_config(path))
+    with torch.device("meta"):
+        expected = expected_shapes(ElasticLlama(config))
+    if path.suffix == ".gguf":
+        _check_gguf(path, expected, config.num_hidden_layers)
+    elif _weights_files(path):
+        _check_safetensors(path, expected)
+
+
+def expected_shapes(model: ElasticLlama) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor a checkpoint of `model` stores (a tied LM head is not stored)."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _weights_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("model*.safetensors"))  # not e.g. importance scores
-    if not files:
+    if not index.is_file():
+        return sorted(p.name for p in folder.glob("model*.safetensors"))  # not e.g. importance scores
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index} is unreadable ({first_line(error)}); re-download or re-export it") from None
+
+
+def _read_weights(folder: Path, expected: dict[str, tuple[int, ...]], allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The state dict of a folder's safetensors (or, allowed, pickle) weights, checked against
+    the shapes the config implies (`expected`) before it is read, and finite."""
+    if not _weights_files(folder):
         pickles = _pickles(folder)
+        if pickles and allow_pickle:
+            return _read_pickles(folder, expected)
         if pickles:
             raise CheckpointError(f"{folder / pickles[0]} {PICKLE_REFUSAL}")
         raise CheckpointError(f"{folder} has no *.safetensors weights; pass the folder that save_pretrained wrote")
     state_dict: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in _check_safetensors(folder, expected):
         try:
-            state_dict.update(load_file(folder / name))
+            tensors = load_file(folder / name)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(
                 f"{folder / name} is corrupt or truncated ({first_line(error)}); re-download or re-export it"
             ) from None
-    return state_dict
+        check_finite(folder / name, tensors)
+        state_dict.update(tensors)
+    return _matching(folder, state_dict, expected)
 
 
-def _read_gguf(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _check_safetensors(folder: Path, expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """Checks every weights file's header (dtypes, shapes, sizes) and that together they hold
+    exactly the expected tensors; returns the files."""
+    files = _weights_files(folder)
+    names: dict[str, TensorHeader] = {}
+    for name in files:
+        header = safetensors_header(folder / name)
+        check_tensors(folder / name, header, expected)
+        names.update(header)
+    _matching(folder, names, expected)
+    return files
+
+
+def _matching(path: Path, tensors: dict, expected: dict[str, tuple[int, ...]]) -> dict:
+    """`tensors` less what a tied or older checkpoint adds; raises unless it has exactly the
+    expected names."""
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    if "lm_head.weight" not in expected:  # tied: the head is the embedding
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            "the weights and config.json come from different models"
+        )
+    return tensors
+
+
+def _read_pickles(folder: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Pickle weights, read with torch.load(weights_only=True): tensors and plain containers only."""
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{index} is unreadable ({first_line(error)}); re-download it") from None
+    else:
+        files = [name for name in _pickles(folder) if name.startswith(PICKLE_WEIGHTS)]
+    if not files:
+        raise CheckpointError(
+            f"{folder} has no weights: neither *.safetensors nor pytorch_model*.bin; pass the folder that "
+            "save_pretrained wrote"
+        )
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as error:
+            raise CheckpointError(
+                f"{path} is not a plain pickle of tensors ({first_line(error)}); convert it to safetensors in a "
+                "trusted environment"
+            ) from None
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise CheckpointError(
+                f"{path} holds a {type(tensors).__name__}, not a state dict of named tensors; save "
+                "model.state_dict() (or convert it to safetensors)"
+            )
+        headers = {
+            k: TensorHeader(TORCH_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape), 0, v.nbytes)
+            for k, v in tensors.items()
+        }
+        check_tensors(path, headers, expected, FLOAT_DTYPES)
+        check_finite(path, tensors)
+        state_dict.update(tensors)
+    return _matching(folder, state_dict, expected)
+
+
+def _check_gguf(path: Path, expected: dict[str, tuple[int, ...]], num_layers: int) -> None:
+    """Checks the GGUF file's tensor infos against the config its metadata gives: every weight
+    present, of the shape the config implies."""
+    architecture, header = gguf_header(path)
+    names = gguf_names(architecture, num_layers, list(expected))
+    if not names:
+        raise CheckpointError(f"{path} has the architecture {architecture!r}, which anyshape does not read")
+    missing = sorted(name for name in names if name not in header)
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} tensors its metadata implies, e.g. {missing[0]}; re-download or re-export it"
+        )
+    for name, hf_name in names.items():
+        if header[name].shape != expected[hf_name]:
+            raise CheckpointError(
+                f"{path}: tensor {name} ({hf_name}) is {header[name].shape} in the file but {expected[hf_name]} by its "
+                "metadata; the file is corrupt; re-download or re-export it"
+            )
+
+
+def _read_gguf(
+    path: Path, dtype: torch.dtype, expected: dict[str, tuple[int, ...]], num_layers: int
+) -> dict[str, torch.Tensor]:
     """Dequantizes a GGUF file with `transformers`' reader, which also undoes llama.cpp's
-    Q/K row permutation, so the tensors come back in HF layout under HF names."""
+    Q/K row permutation, so the tensors come back in HF layout under HF names; checked first."""
+    _check_gguf(path, expected, num_layers)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"cannot read GGUF file {path} ({first_line(error)})") from None
-    return dict(hf_model.state_dict())
+    state_dict = dict(hf_model.state_dict())
+    check_finite(path, state_dict)
+    return _matching(path, state_dict, expected)
 
 
 def _check_config_json(path: Path) -> None:
@@ -210,6 +381,11 @@ def _check_config_json(path: Path) -> None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object; fix or re-download it")
     model_type = data.get("model_type")
+    if model_type is None and "auto_map" in data:
+        raise CheckpointError(
+            f"{path} names no model_type but its own code (auto_map), which anyshape never runs; pass a "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoint whose config.json sets model_type"
+        )
     if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{path} has model_type {model_type!r}, which anyshape does not support; pass a "

@@ -31,6 +31,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from anyshape.errors import CheckpointError, first_line
 from anyshape.files import atomic_directory
 from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.headers import check_finite, check_tensors, safetensors_header
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.load import SHARING_FILE, load_hf_config
 from anyshape.shape import Shape
@@ -39,6 +40,7 @@ from anyshape.share.tie import freeze_all_but_recovery, share_weights, tie
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
+REWRITE = "write the folder again (anyshape share)"
 
 
 def replaced_names(plan: SharingPlan) -> set[str]:
@@ -99,30 +101,45 @@ def load_shared(folder: str | Path, dtype: torch.dtype = torch.float32) -> Elast
     """The shared model of a compact folder, on CPU: replaced projections hold their reference's
     Parameter, recovery parameters train, everything else is frozen."""
     folder = Path(folder)
+    model, plan = _checked(folder)
+    try:
+        tensors = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{folder / WEIGHTS} is corrupt or missing ({first_line(error)}); {REWRITE}") from None
+    check_finite(folder / WEIGHTS, tensors, REWRITE)
+    model.load_state_dict({name: tensor.to(dtype) for name, tensor in tensors.items()}, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    tie(model, plan)
+    freeze_all_but_recovery(model)
+    return model.eval()
+
+
+def check_shared(folder: str | Path) -> None:
+    """Checks a compact folder's weights file against its plan and config from its header
+    alone (dtypes, shapes, sizes, names); raises CheckpointError naming the file and tensor."""
+    _checked(Path(folder))
+
+
+def _checked(folder: Path) -> tuple[ElasticLlama, SharingPlan]:
+    """The shared model of `folder` on the meta device and its plan, once the weights file's
+    header has been checked against them."""
     plan = read_sharing(folder)["plan"]
     config = LlamaFamilyConfig.from_hf(load_hf_config(folder))
     with torch.device("meta"):
         model = ElasticLlama(config)
     share_weights(model, plan, initialise=False)
-    try:
-        tensors = load_file(folder / WEIGHTS)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(
-            f"{folder / WEIGHTS} is corrupt or missing ({first_line(error)}); write it again"
-        ) from None
-    expected = set(stored_state_dict(model, plan))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    expected = {name: tuple(tensor.shape) for name, tensor in stored_state_dict(model, plan).items()}
+    path = folder / WEIGHTS
+    header = safetensors_header(path, REWRITE)
+    check_tensors(path, header, expected, fix=REWRITE)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{folder / WEIGHTS} does not match {SHARING_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+            f"{path} does not match {SHARING_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
             "the weights and the plan come from different runs"
         )
-    model.load_state_dict({name: tensor.to(dtype) for name, tensor in tensors.items()}, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    tie(model, plan)
-    freeze_all_but_recovery(model)
-    return model.eval()
+    return model, plan
 
 
 def storage_summary(folder: str | Path) -> dict[str, Any]:
@@ -149,11 +166,5 @@ def storage_summary(folder: str | Path) -> dict[str, Any]:
 
 
 def _tensor_sizes(path: Path) -> dict[str, tuple[int, int]]:
-    """name -> (elements, bytes) of each tensor of a safetensors file, from its JSON header."""
-    try:
-        with path.open("rb") as file:
-            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is corrupt or missing ({first_line(error)}); write it again") from None
-    header.pop("__metadata__", None)
-    return {name: (math.prod(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for name, v in header.items()}
+    """name -> (elements, bytes) of each tensor of a safetensors file, from its header."""
+    return {name: (math.prod(t.shape), t.nbytes) for name, t in safetensors_header(path, REWRITE).items()}

@@ -20,18 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from anyshape.errors import CheckpointError
+from anyshape.errors import CheckpointError, first_line
 from anyshape.files import atomic_directory
+from anyshape.model.headers import FLOAT_DTYPES, check_finite, check_tensors, safetensors_header
 from anyshape.model.llama import ElasticLlama
 from anyshape.router.router import BudgetRouter
 
 CHECKPOINT = "checkpoint"
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
 Companions = dict[str, tuple[nn.Module, torch.optim.Optimizer]]  # name -> (module, its optimizer)
+DAMAGED = "the run's checkpoint is damaged; start the run again (--overwrite)"
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -76,10 +79,14 @@ def load_checkpoint(
     folder = run / CHECKPOINT
     if not (folder / STATE).is_file():
         raise CheckpointError(f"{run} has no finished checkpoint yet ({folder / STATE} is missing); start it again")
-    weights = load_file(folder / WEIGHTS)
-    missing = sorted(trainable_names(model) - set(weights))
+    inner = getattr(model, "module", model)
+    shapes = {name: tuple(p.shape) for name, p in inner.named_parameters() if p.requires_grad}  # global under FSDP
+    weights = read_checked(folder / WEIGHTS, shapes)
+    missing = sorted(set(shapes) - set(weights))
     if missing:
-        raise CheckpointError(f"{folder / WEIGHTS} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        raise CheckpointError(
+            f"{folder / WEIGHTS} lacks {len(missing)} trainable tensors, e.g. {missing[0]}; {DAMAGED}"
+        )
     options = StateDictOptions(full_state_dict=True, strict=False)
     if optimizer is None:
         set_state_dict(model, (), model_state_dict=weights, optim_state_dict={}, options=options)
@@ -92,14 +99,36 @@ def load_checkpoint(
     return json.loads((folder / STATE).read_text())
 
 
-def load_run(run: Path, dtype: torch.dtype = torch.float32) -> ElasticLlama:
-    """The trained model of RUN: its parent with the run's adapters and trained weights."""
+def read_checked(path: Path, shapes: dict[str, tuple[int, ...]], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, its header checked first against `shapes`
+    (float dtypes, these shapes, sizes within the file) and its values finite."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; {DAMAGED}")
+    check_tensors(path, safetensors_header(path, DAMAGED), shapes, FLOAT_DTYPES, DAMAGED)
+    try:
+        tensors = load_file(path, device=device)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is corrupt ({first_line(error)}); {DAMAGED}") from None
+    check_finite(path, tensors, DAMAGED)
+    return tensors
+
+
+def check_run(run: Path) -> None:
+    """Checks the headers of RUN's checkpoint files (dtypes, sizes within each file), if it has one."""
+    folder = run / CHECKPOINT
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        check_tensors(path, safetensors_header(path, DAMAGED), None, FLOAT_DTYPES, DAMAGED)
+
+
+def load_run(run: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool | None = None) -> ElasticLlama:
+    """The trained model of RUN: its parent (read as `anyshape.load` would, `allow_pickle`
+    included) with the run's adapters and trained weights."""
     from anyshape.model.load import load
     from anyshape.train.elastic import add_trainable_modules
     from anyshape.train.settings import read_settings
 
     settings = read_settings(run)
-    model = load(settings.model, dtype=dtype)
+    model = load(settings.model, dtype=dtype, allow_pickle=allow_pickle)
     add_trainable_modules(model, settings)
     load_checkpoint(run, model)
     return model.requires_grad_(False).eval()
@@ -110,8 +139,9 @@ def load_companion(run: Path, name: str, module: nn.Module) -> nn.Module:
     path = run / CHECKPOINT / f"{name}.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{run} has no {name} in its checkpoint ({path} is missing)")
-    device = next(iter(module.state_dict().values())).device
-    module.load_state_dict(load_file(path, device=str(device)))
+    state = module.state_dict()
+    device = next(iter(state.values())).device
+    module.load_state_dict(read_checked(path, {name: tuple(t.shape) for name, t in state.items()}, str(device)))
     return module
 
 

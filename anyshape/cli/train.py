@@ -101,6 +101,13 @@ def train_command(
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none).", min=0)] = (
         DEFAULTS.max_grad_norm
     ),
+    on_nonfinite: Annotated[
+        str,
+        typer.Option(
+            help="A step whose loss or gradient is NaN or inf: skip it (logged, not applied) or stop the run "
+            "with an error naming the step (after a checkpoint of the steps before it)."
+        ),
+    ] = DEFAULTS.on_nonfinite,
     precision: Annotated[
         str, typer.Option(help="auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16.")
     ] = DEFAULTS.precision,

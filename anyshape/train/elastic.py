@@ -5,9 +5,11 @@ Per optimizer step and accumulation micro-batch (x, (b, S) token ids):
   2. each smaller Shape k: loss_k = KD(f(x; k), t) (or next-token loss with kd none), scaled
      by the loss balancer, backward (gradients accumulate in the shared weights);
   3. the largest Shape: loss = next-token loss, backward.
-Then gradient clipping, a skip (said in the log) when the gradient is not finite, AdamW, and
-the warmup + cosine learning rate. Under DDP the smaller Shapes' backward passes run in
-`no_sync()` and the largest's last, so gradients are all-reduced once per step.
+Then gradient clipping, AdamW, and the warmup + cosine learning rate; a step whose loss or
+gradient is NaN or inf is skipped (said in the log) or, with on_nonfinite stop, ends the run
+with an error naming the step, after a checkpoint of the steps before it. Under DDP the smaller
+Shapes' backward passes run in `no_sync()` and the largest's last, so gradients are all-reduced
+once per step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -208,15 +211,31 @@ def _train(
             for module, _ in companions.values():
                 _average_over_processes(module, world)
                 norms.append(_clip(list(module.parameters()), settings.max_grad_norm))
-            norm, skipped = norms[0], not all(torch.isfinite(n) for n in norms)
+            norm, problem = norms[0], _nonfinite(losses, norms)
+            skipped = problem is not None
+            if skipped and settings.on_nonfinite == "stop":
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                if step > saved:
+                    checkpoint()
+                then = (
+                    f"its checkpoint holds step {step}: resume it skipping such steps (anyshape train --resume "
+                    f"{run} --on-nonfinite skip), or start again"
+                    if step
+                    else "start it again (--overwrite) skipping such steps (--on-nonfinite skip)"
+                )
+                raise AnyshapeError(
+                    f"step {step + 1}: {problem}, and on_nonfinite is stop, so the run stopped; {then}, or with a "
+                    "lower learning rate or other data"
+                )
             if skipped:
-                log(f"step {step + 1}: the gradient is not finite; the step is skipped")
+                log(f"step {step + 1}: {problem}; the step is skipped")
             for o in optimizers:
                 if not skipped:
                     o.step()
                 o.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
                 for schedule in schedules:
                     schedule.step()
             step += 1
@@ -258,6 +277,15 @@ def _train(
         if bar is not None:
             bar.close()
     return metrics
+
+
+def _nonfinite(losses: dict[str, float], norms: list[Tensor]) -> str | None:
+    """What is NaN or inf in a step (the loss of which Shapes, the gradient), or None."""
+    slots = [slot for slot, value in losses.items() if not math.isfinite(value)]
+    problems = [f"the loss of {', '.join(slots)} is not finite"] if slots else []
+    if not all(torch.isfinite(n) for n in norms):
+        problems.append("the gradient is not finite")
+    return " and ".join(problems) or None
 
 
 def _step(

@@ -19,7 +19,8 @@ from anyshape.train.distill import KD_LOSSES
 from anyshape.train.sampling import SAMPLING
 
 PRECISIONS = ("auto", "fp32", "bf16")
-RESUMABLE = ("out", "save_every", "eval_every", "log_every")  # may change when a run resumes (or moves)
+NONFINITE = ("skip", "stop")  # what a step whose loss or gradient is NaN or inf does
+RESUMABLE = ("out", "save_every", "eval_every", "log_every", "on_nonfinite")  # may change when a run resumes (or moves)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainSettings:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0: no clipping
+    on_nonfinite: str = "skip"  # a NaN or inf loss or gradient: skip the step (logged), or stop the run
     precision: str = "auto"  # auto: bf16 autocast on a CUDA device that has it, else fp32
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (sharded per decoder layer)
     val_fraction: float = 0.05
@@ -90,6 +92,7 @@ class TrainSettings:
             ("adapter", self.adapter, ADAPTERS),
             ("precision", self.precision, PRECISIONS),
             ("distributed", self.distributed, ("ddp", "fsdp")),
+            ("on_nonfinite", self.on_nonfinite, NONFINITE),
         ):
             if value not in allowed:
                 raise AnyshapeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")

@@ -33,11 +33,12 @@ from torch import Tensor, nn
 from anyshape.data.text import default_text
 from anyshape.errors import AnyshapeError
 from anyshape.evaluate.perplexity import mean_nll
+from anyshape.files import atomic_files, clear_leftovers
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.shape import Shape
 from anyshape.train.adapters import add_adapters
-from anyshape.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from anyshape.train.checkpoint import CHECKPOINT, STATE, load_checkpoint, save_checkpoint
 from anyshape.train.controllers import Controller, Student, controller
 from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
 from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
@@ -167,13 +168,21 @@ def _train(
     reference = _reference_losses(settings, mixture, autocast, device) if settings.dynamic_batch else None
 
     _barrier(world)  # every process has checked its inputs before rank 0 writes
-    if not resume and world.rank == 0:
-        _start_run(run, settings)  # only now: bad input leaves no run folder behind
+    if world.rank == 0:
+        if resume:  # a save killed between its two renames left the checkpoint aside: put it back
+            clear_leftovers(run / CHECKPOINT)
+        if not resume or not (run / CHECKPOINT / STATE).is_file():
+            _start_run(run, settings)  # only now: bad input leaves no run folder behind
     _barrier(world)
+    if resume and not (run / CHECKPOINT / STATE).is_file():
+        log(f"{run} was stopped before its first checkpoint; starting it again from step 0")
+        resume = False
     step = 0
     if resume:
         state = load_checkpoint(run, wrapped, optimizer, companions)
         step = state["step"]
+        if world.rank == 0:
+            _drop_later_metrics(run, step)
         for schedule, schedule_state in zip(schedules, state["schedules"], strict=True):
             schedule.load_state_dict(schedule_state)
         balancer.load_state_dict(state["balancer"])
@@ -406,11 +415,30 @@ def _check_run(run: Path, settings: TrainSettings, resume: bool, overwrite: bool
 
 
 def _start_run(run: Path, settings: TrainSettings) -> None:
-    """Writes RUN/train.json, replacing what an earlier run left there."""
+    """Writes RUN/train.json (atomically), replacing what an earlier run left there."""
+    clear_leftovers(run / CHECKPOINT)
     shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
     (run / METRICS).unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / RUN_FILE).write_text(json.dumps({"settings": settings.to_dict()}, indent=1))
+    with atomic_files([run / RUN_FILE], overwrite=True) as (path,):
+        path.write_text(json.dumps({"settings": settings.to_dict()}, indent=1))
+
+
+def _drop_later_metrics(run: Path, step: int) -> None:
+    """Keeps RUN/metrics.jsonl up to `step`, the checkpoint's: a run killed after it logged the
+    steps that the resumed run logs again, and maybe half a line."""
+    path = run / METRICS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except json.JSONDecodeError:  # the line a kill cut short
+            break
+        kept.append(line + "\n")
+    with atomic_files([path], overwrite=True) as (tmp,):
+        tmp.write_text("".join(kept))
 
 
 def _barrier(world: Distributed) -> None:

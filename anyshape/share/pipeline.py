@@ -7,7 +7,8 @@
     OUT/           the final compact folder, written atomically; WORK is removed afterwards
 
 An interrupted share keeps WORK; `resume` reuses a finished warm-up with the same settings and
-continues the run from its last checkpoint.
+continues the run from its last checkpoint (or, if OUT was written with the same settings before
+the interruption, only removes WORK).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from anyshape.data.text import default_text
 from anyshape.errors import AnyshapeError
-from anyshape.model.load import load, load_config, load_tokenizer
+from anyshape.model.load import SHARING_FILE, load, load_config, load_tokenizer
 from anyshape.share.plan import SharingPlan
 from anyshape.share.storage import read_sharing, save_shared
 from anyshape.share.tie import share_weights
@@ -34,6 +35,8 @@ from anyshape.train.checkpoint import CHECKPOINT, STATE
 from anyshape.train.data import cached_token_ids, pack, split, tokenize_documents
 from anyshape.train.elastic import Distributed, iterate_metrics, train
 from anyshape.train.settings import TrainSettings
+
+SUMMARY = ("warmup", "val_ppl_before_finetune", "val_ppl_after_finetune")  # what share returns besides "out"
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,15 @@ def share(
     settings.plan.validate(load_config(settings.model).num_hidden_layers)
     settings.finetune_settings().check()  # stage 2's options fail before stage 1 runs
     out, work = Path(settings.out), settings.work_folder
-    if out.exists() and not overwrite:
-        raise AnyshapeError(f"{out} already exists; choose another --out or pass --overwrite")
     world = Distributed.from_environment()
+    if out.exists() and not overwrite:
+        if resume and _written_with(out, settings):  # interrupted while removing WORK
+            log(f"{out} is already written with these settings; nothing to do")
+            if world.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)
+            record = read_sharing(out)
+            return {"out": str(out)} | {key: record[key] for key in SUMMARY}
+        raise AnyshapeError(f"{out} already exists; choose another --out or pass --overwrite")
     owns_group = world.enabled and not torch.distributed.is_initialized()
     if owns_group:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -114,7 +123,7 @@ def share(
         final = load(run) if run is not None else load(work / "warmup")
         tokenizer = load_tokenizer(settings.model)
         history = [m["val_ppl"]["largest"] for m in iterate_metrics(run) if "val_ppl" in m] if run else []
-        summary = {
+        summary = {  # the keys of SUMMARY
             "warmup": fits,
             "val_ppl_before_finetune": history[0] if history else None,
             "val_ppl_after_finetune": history[-1] if history else None,
@@ -130,6 +139,13 @@ def share(
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
+
+
+def _written_with(out: Path, settings: ShareSettings) -> bool:
+    """Whether OUT is a compact folder that a share with `settings` wrote."""
+    return (out / SHARING_FILE).is_file() and read_sharing(out).get("settings") == json.loads(
+        json.dumps(settings.to_dict())
+    )
 
 
 def _prepare_work(settings: ShareSettings, work: Path, resume: bool, overwrite: bool) -> None:

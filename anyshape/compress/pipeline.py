@@ -43,7 +43,7 @@ from anyshape.errors import AnyshapeError, DataError, ShapeError
 from anyshape.evaluate.perplexity import mean_nll, perplexity
 from anyshape.export.extract import extract_model
 from anyshape.export.hf import export_hf
-from anyshape.files import publish_directory
+from anyshape.files import clear_leftovers, publish_directory
 from anyshape.importance.layers import select_layers
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import Scores, score
@@ -145,6 +145,7 @@ def compress(
     check_budgets(config, settings)
     identity = model_identity(model_ref)
     run_key = input_hash(model=identity, settings=asdict(settings), version=__version__)
+    clear_leftovers(out)  # a family whose replacement was killed half-way is put back
     if out.exists():
         if (out / SUMMARY).is_file() and StageCache(out / "stages").done("run", run_key):
             log(f"{out} is up to date with these settings; nothing to do")

@@ -281,11 +281,10 @@ def _typed(given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_shapes(text: str) -> tuple[dict[str, Any], ...]:
-    path = Path(text)
-    raw = path.read_text() if path.is_file() else text
+    inline = text.lstrip().startswith(("{", "["))
     try:
-        shapes = json.loads(raw)
-    except json.JSONDecodeError:
+        shapes = json.loads(text if inline or not Path(text).is_file() else Path(text).read_text())
+    except (OSError, ValueError, RecursionError):
         raise typer.BadParameter(
             f"{text!r} is neither a JSON file nor inline JSON; write a list of Shapes, e.g. "
             '\'[{"hidden_size": 288}, {"num_hidden_layers": 20}]\'',
@@ -305,6 +304,10 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise typer.BadParameter(f"config file {str(path)!r} not found", param_hint="--config")
     try:
         record = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise AnyshapeError(f"{path} is not UTF-8 text; write the settings as YAML") from None
+    except RecursionError:
+        raise AnyshapeError(f"{path} is nested too deeply; write a mapping of settings, e.g. 'steps: 200'") from None
     except yaml.YAMLError as error:
         raise AnyshapeError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(record, dict):
@@ -319,11 +322,10 @@ def absolute_paths(settings: TrainSettings) -> TrainSettings:
     """Local paths made absolute, so the run folder works from any directory."""
 
     def absolute(value: str | None) -> str | None:
-        return (
-            str(Path(value).expanduser().resolve())
-            if value is not None and Path(value).expanduser().exists()
-            else value
-        )
+        try:
+            return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
+        except (TypeError, OSError):  # None, or not a usable path (e.g. a dataset name, or too long for one)
+            return value
 
     domains = settings.domains
     if domains is not None:

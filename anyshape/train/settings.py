@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anyshape.errors import AnyshapeError
+from anyshape.errors import AnyshapeError, first_line
 from anyshape.importance.scores import scores_beside
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.load import RUN_FILE, resolve
@@ -20,6 +21,7 @@ from anyshape.train.sampling import SAMPLING
 
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE = ("skip", "stop")  # what a step whose loss or gradient is NaN or inf does
+SEEDS = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
 RESUMABLE = ("out", "save_every", "eval_every", "log_every", "on_nonfinite")  # may change when a run resumes (or moves)
 
 
@@ -96,9 +98,20 @@ class TrainSettings:
         ):
             if value not in allowed:
                 raise AnyshapeError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise AnyshapeError(f"{name}={getattr(self, name)} must be at least 1")
+        for name, least in (
+            *((name, 1) for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "eval_every")),
+            *((name, 1) for name in ("log_every", "lora_rank", "experts", "top_k", "val_batches", "align")),
+            *((name, 0) for name in ("random_shapes", "warmup_steps", "target_warmup_steps", "weight_decay")),
+            *((name, 0) for name in ("max_grad_norm", "budget_weight", "router_lr", "mask_lr", "lambda_lr")),
+        ):
+            if getattr(self, name) < least:
+                raise AnyshapeError(f"{name}={getattr(self, name)} must be at least {least}")
+        if self.lr is not None and self.lr < 0:
+            raise AnyshapeError(f"lr={self.lr} must be at least 0")
+        if not SEEDS[0] <= self.seed < SEEDS[1]:
+            raise AnyshapeError(f"seed={self.seed} is out of range; use an integer in 0..{SEEDS[1] - 1}")
+        if not self.fractions or not all(0 < value <= 1 for value in self.fractions):
+            raise AnyshapeError(f"fractions {list(self.fractions)} must each be in (0, 1], e.g. 0.25,0.5,0.75,1")
         if self.seq_len < 2:
             raise AnyshapeError(f"seq_len={self.seq_len} must be at least 2 (one token predicts the next)")
         if self.batch_size % self.grad_accum:
@@ -149,11 +162,17 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, record: dict[str, Any], source: str) -> TrainSettings:
         """Settings from a config file's or train.json's mapping; unknown keys are refused."""
+        if not isinstance(record, dict):
+            raise AnyshapeError(f"{source} must hold a mapping of settings, e.g. 'steps: 200', not {record!r:.40}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(record) - names)
+        unknown = sorted(map(str, set(record) - names))
         if unknown:
             raise AnyshapeError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         values = dict(record)
+        for name, value in values.items():
+            kind, accepts = _KINDS[_TYPES[name].removesuffix(" | None")]
+            if not (accepts(value) or (value is None and _TYPES[name].endswith(" | None"))):
+                raise AnyshapeError(f"{source}: setting {name}={value!r} must be {kind}")
         for name in ("shapes", "fractions", "anchors"):
             if name in values:
                 values[name] = tuple(values[name])
@@ -165,13 +184,35 @@ class TrainSettings:
         return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if k not in RESUMABLE and mine[k] != theirs[k]]
 
 
+def _number(value: Any) -> bool:
+    return type(value) is int or (isinstance(value, float) and math.isfinite(value))
+
+
+_TYPES = {field.name: field.type for field in dataclasses.fields(TrainSettings)}  # annotations, as text
+_KINDS = {  # annotation (without "| None"): what a config file must give, and its test
+    "str": ("text", lambda value: isinstance(value, str)),
+    "int": ("an integer", lambda value: type(value) is int),
+    "float": ("a finite number", _number),
+    "bool": ("true or false", lambda value: isinstance(value, bool)),
+    "tuple[float, ...]": (
+        "a list of numbers",
+        lambda value: isinstance(value, list | tuple) and all(map(_number, value)),
+    ),
+    "tuple[dict[str, Any], ...]": (
+        "a list of Shapes (mappings such as {hidden_size: 288})",
+        lambda value: isinstance(value, list | tuple) and all(isinstance(shape, dict) for shape in value),
+    ),
+    "dict[str, int]": ("a mapping of sizes", lambda value: isinstance(value, dict)),
+}
+
+
 def read_settings(run: Path) -> TrainSettings:
     """The settings a run was started with (RUN/train.json)."""
     path = Path(run) / RUN_FILE
     if not path.is_file():
         raise AnyshapeError(f"{run} is not a run folder (no {RUN_FILE}); pass the --out of an earlier anyshape train")
     try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise AnyshapeError(f"{path} is unreadable ({error}); the run folder is damaged") from None
-    return TrainSettings.from_dict(record["settings"], str(path))
+        record = json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise AnyshapeError(f"{path} is unreadable ({first_line(error)}); the run folder is damaged") from None
+    return TrainSettings.from_dict(record, str(path))

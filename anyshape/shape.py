@@ -153,7 +153,11 @@ class Shape:
         text = str(text_or_path)
         if not text.lstrip().startswith(("{", "[")):
             path = Path(text)
-            if not path.is_file():
+            try:
+                is_file = path.is_file()
+            except OSError:  # e.g. a name longer than the file system allows
+                is_file = False
+            if not is_file:
                 raise ShapeError(f"shape {text!r} is neither inline JSON (starting with '{{') nor a JSON file")
             try:
                 text = path.read_text(encoding="utf-8")
@@ -166,6 +170,8 @@ class Shape:
                 f"shape is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
                 "quote field names, e.g. '{\"hidden_size\": 448}'"
             ) from None
+        except RecursionError:
+            raise ShapeError("shape is nested too deeply; write one JSON object of sizes") from None
         return cls.from_dict(data, config)
 
 

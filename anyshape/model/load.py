@@ -81,7 +81,11 @@ def resolve(ref: str | Path) -> Path:
             )
         return Path(spec.submodule_search_locations[0]) / filename
     path = Path(name).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        exists = False
+    if not exists:
         hint = (
             f"; anyshape never downloads: fetch it first (e.g. `hf download {name} --local-dir DIR`) and pass DIR"
             if _looks_like_hub_id(name)
@@ -189,9 +193,12 @@ def run_parent(path: Path) -> str | None:
     if record is None or not record.is_file():
         return None
     try:
-        return json.loads(record.read_text())["settings"]["model"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        parent = json.loads(record.read_text())["settings"]["model"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise CheckpointError(f"{record} is unreadable ({first_line(error)}); the run folder is damaged") from None
+    if not isinstance(parent, str) or Path(parent).expanduser().resolve() == path.resolve():
+        raise CheckpointError(f"{record} names {parent!r:.80} as the run's parent model; the run folder is damaged")
+    return parent
 
 
 def check_weights(ref: str | Path) -> None:

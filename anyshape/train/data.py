@@ -206,6 +206,10 @@ def _local_files(source: str | Path) -> tuple[Path, list[Path]] | None:
     """(root, files) of a local file or folder, files in sorted path order; None for a dataset
     name (anything that is neither an existing folder nor a path with a data-file suffix)."""
     path = Path(source)
+    try:
+        path.is_dir()
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise DataError(f"data source {str(source)!r:.80} is not a usable path ({error.strerror})") from None
     if path.is_dir():
         files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in SUFFIXES)
         if not files:

@@ -59,7 +59,7 @@ def read_reference_losses(path: str | Path, domains: Iterable[str]) -> dict[str,
     names = list(domains)
     try:
         record = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise DataError(
             f"reference losses {str(path)!r} are unreadable ({error}); "
             'pass a JSON object of loss per domain, e.g. {"code": 1.2, "web": 2.1}'
@@ -78,7 +78,8 @@ def read_reference_losses(path: str | Path, domains: Iterable[str]) -> dict[str,
     losses = {}
     for name in names:
         value = record[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        finite = (isinstance(value, float) and math.isfinite(value)) or (type(value) is int and value < 1e300)
+        if not finite or value < 0:
             raise DataError(
                 f"reference losses {str(path)!r}: domain {name!r} has {value!r}; "
                 "a reference loss is a finite, non-negative number of nats per token"

@@ -39,6 +39,10 @@ def rpd(
     Example: anyshape rpd smollm2-135m --data calib.txt --samples 50 --json
     """
     parsed = [Scheme.parse(text) for text in schemes.split(",") if text.strip()]
+    if not parsed:
+        raise typer.BadParameter(
+            f"{schemes!r} names no scheme; e.g. {','.join(DEFAULT_SCHEMES)}", param_hint="--schemes"
+        )
     text, tokenizer = load_text(data), load_tokenizer(model)
     calibration = calibration_ids(tokenizer, text, num_sequences, sequence_length, seed)
     held_out = calibration_ids(tokenizer, text, eval_sequences, sequence_length, seed + 1)

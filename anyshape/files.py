@@ -14,6 +14,7 @@ from pathlib import Path
 from anyshape.errors import AnyshapeError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what a full disk or an exhausted quota raises
+LOW_SPACE = 1 << 20  # bytes free below which a failed torch.save is put down to a full disk
 
 
 @contextmanager
@@ -35,9 +36,9 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     try:
         yield tmp
         publish_directory(tmp, out)
-    except OSError as error:
-        if error.errno in DISK_FULL:
-            raise disk_full(error, out) from None
+    except Exception as error:  # the libraries raise their own (safetensors, torch.save)
+        if is_disk_full(error, out):
+            raise disk_full(out) from None
         raise
     finally:
         if tmp.exists():
@@ -69,11 +70,25 @@ def clear_leftovers(out: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def disk_full(error: OSError, out: Path) -> AnyshapeError:
+def is_disk_full(error: Exception, out: Path) -> bool:
+    """Whether `error`, raised while writing `out`, came from a full disk (or quota): an OSError
+    with ENOSPC or EDQUOT, an error that quotes one (safetensors: "No space left on device (os
+    error 28)"), or torch.save's RuntimeError ("unexpected pos", no errno) with under 1 MiB free."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return True
+    if any(os.strerror(code) in str(error) for code in DISK_FULL):
+        return True
+    try:
+        return isinstance(error, RuntimeError) and shutil.disk_usage(out.parent).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def disk_full(out: Path) -> AnyshapeError:
     """The one-line message of a write to `out` that failed for want of disk space (or quota)."""
     return AnyshapeError(
-        f"no space left on the disk of {out.parent} while writing {out.name} ({os.strerror(error.errno)}); "
-        f"free some space and run again (the previous {out.name}, if any, is intact)"
+        f"no space left on the disk while writing {out}; free some space on it and run again (the previous "
+        f"{out.name}, if any, is intact)"
     )
 
 
@@ -97,9 +112,9 @@ def atomic_files(paths: Sequence[str | Path], overwrite: bool = False) -> Iterat
         yield tmps
         for tmp, path in zip(tmps, paths, strict=True):
             os.replace(tmp, path)
-    except OSError as error:
-        if error.errno in DISK_FULL:
-            raise disk_full(error, paths[0]) from None
+    except Exception as error:  # the libraries raise their own (safetensors, torch.save)
+        if is_disk_full(error, paths[0]):
+            raise disk_full(paths[0]) from None
         raise
     finally:
         for tmp in tmps:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.modeling_utils
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import anyshape
@@ -360,16 +361,21 @@ def test_share_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tm
 # A full disk
 
 
-def filling_the_disk(save: Callable, fails: Callable[[Path], bool]) -> Callable:
+NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+# what safetensors' save_file raises on a full disk (seen on a full tmpfs)
+NO_SPACE_SAFETENSORS = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def filling_the_disk(save: Callable, fails: Callable[[Path], bool], error: Exception) -> Callable:
     """`save` (a safetensors save_file) that, for a file where `fails(path)`, writes half of it
-    and raises OSError(ENOSPC), as a write to a full disk does."""
+    and raises `error`, as a write to a full disk does."""
 
     def save_file(tensors, filename, metadata=None) -> None:
         save(tensors, filename, metadata=metadata)
         path = Path(filename)
         if fails(path):
             os.truncate(path, path.stat().st_size // 2)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise error
 
     return save_file
 
@@ -387,7 +393,7 @@ def test_a_full_disk_during_extract_leaves_the_previous_output_intact(capsys, ti
     status, _, err = run(capsys, "extract", model, "--shape", '{"num_hidden_layers": 2}', "--out", out)
     assert status == 0, err
     before = {name: (out / name).read_bytes() for name in listing(out)}
-    save = filling_the_disk(transformers.modeling_utils.safe_save_file, lambda path: True)
+    save = filling_the_disk(transformers.modeling_utils.safe_save_file, lambda path: True, NO_SPACE)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save)
     status, _, err = run(capsys, "extract", model, "--merge", "--out", out, "--overwrite")
     assert_says_the_disk_is_full(status, err, "small")
@@ -401,7 +407,9 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact(capsys, 
     run_folder = tmp_path / "run"
     written = []
     save = filling_the_disk(  # the second checkpoint's weights (step 4) do not fit
-        anyshape.train.checkpoint.save_file, lambda path: written.append(path.name) or len(written) == 2
+        anyshape.train.checkpoint.save_file,
+        lambda path: written.append(path.name) or len(written) == 2,
+        NO_SPACE_SAFETENSORS,
     )
     monkeypatch.setattr(anyshape.train.checkpoint, "save_file", save)
     args = ["--steps", "6", "--batch-size", "2", "--fractions", "0.5,1", "--align", "16", *TRAIN]

@@ -88,5 +88,7 @@ class PruningTarget:
                     f"pruning target is not valid JSON ({error.msg} at column {error.colno}); "
                     "quote field names, e.g. '{\"hidden_size\": 384}'"
                 ) from None
+            except RecursionError:
+                raise AnyshapeError("pruning target is nested too deeply; write one JSON object of sizes") from None
             return cls.from_dict(data, parent)
         return cls.from_config(text, parent)

@@ -209,7 +209,7 @@ def run_once(command: list[str], cwd: Path, env: dict[str, str], kill: Kill | No
             process.wait()
             left = temporaries(snapshot(cwd)) - temporaries(before)
             return Outcome(killed=True, mid_write=bool(left))
-        time.sleep(0.0005)
+        time.sleep(0.002)
     assert process.returncode == 0, (
         f"anyshape {' '.join(command)} exited {process.returncode}:\n" + (log.read_text()[-3000:])
     )

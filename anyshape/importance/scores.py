@@ -89,8 +89,12 @@ class Scores:
             tensors = load_file(path)
             with safe_open(path, "pt") as file:
                 info = json.loads((file.metadata() or {}).get(METADATA_KEY, "{}"))
-        except (SafetensorError, OSError, ValueError) as error:
+        except (SafetensorError, OSError, ValueError, RecursionError) as error:
             raise DataError(f"{path} is not a readable scores file ({error}); recompute it") from None
+        if not isinstance(info, dict):
+            raise DataError(
+                f"{path} has a {type(info).__name__} as its {METADATA_KEY!r} header, not a JSON object; {RECOMPUTE}"
+            )
         missing = [unit for unit in UNITS if unit not in tensors]
         if missing:
             raise DataError(f"{path} has no {missing[0]} scores; it is not an anyshape scores file")

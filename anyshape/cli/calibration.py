@@ -22,7 +22,7 @@ DataOpt = Annotated[
 ]
 NumSequencesOpt = Annotated[int, typer.Option(help="Calibration windows (sequences) to draw.", min=1)]
 SequenceLengthOpt = Annotated[int, typer.Option(help="Tokens per calibration window.", min=2)]
-SeedOpt = Annotated[int, typer.Option(help="Seed of the random window offsets.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the random window offsets.", min=-(2**63), max=2**64 - 1)]
 BatchSizeOpt = Annotated[int, typer.Option(help="Sequences per forward pass.", min=1)]
 
 

@@ -91,15 +91,6 @@ def option_refuses(parse, *args: Any) -> bool:
     return False
 
 
-def below(text: str, least: float, kind: type) -> bool:
-    """True if an option of type `kind` (int or float) with minimum `least` refuses `text`."""
-    try:
-        value = kind(text)
-    except (ValueError, OverflowError):
-        return True
-    return not value >= least  # NaN too
-
-
 def library_refuses(parse, *args: Any) -> bool:
     """True if `parse(*args)` raises an AnyshapeError; False if it accepts. Any other exception
     fails the test: a library parser refuses bad input only with an AnyshapeError."""
@@ -314,12 +305,8 @@ def test_search_objectives_and_algorithm(objectives, algorithm, tiny, tmp_path, 
 
 
 @FUZZ
-@given(
-    option=st.sampled_from(["--max-params", "--min-params", "--trials", "--num-sequences", "--fractions",
-                            "--align", "--sequence-length", "--max-latency-ms"]),
-    value=numbers_as_text,
-)  # fmt: skip
-def test_search_counts(option, value, config, tiny, tmp_path, refused):
+@given(option=st.sampled_from(["--max-params", "--min-params", "--fractions"]), value=numbers_as_text)
+def test_search_bounds(option, value, config, tiny, tmp_path, refused):
     from anyshape.cli.search import parse_count
 
     if option == "--max-params":  # refused if unreadable or below the smallest Shape of the grid
@@ -328,11 +315,25 @@ def test_search_counts(option, value, config, tiny, tmp_path, refused):
         assume(option_refuses(parse_count, value, config, option) or parse_count(value, config, option) < limit)
     elif option == "--min-params":
         assume(option_refuses(parse_count, value, config, option))
-    elif option == "--fractions":
-        assume(library_refuses(parse_fractions, value))
     else:
-        least, kind = {"--sequence-length": (2, int), "--max-latency-ms": (0, float)}.get(option, (1, int))
-        assume(below(value, least, kind))
+        assume(library_refuses(parse_fractions, value))
+    out = fresh(tmp_path).with_suffix(".json")
+    refused(["search", tiny, option, value, "--out", out], out)
+
+
+MINIMUMS = {"--trials": 1, "--num-sequences": 1, "--align": 1, "--sequence-length": 2, "--max-latency-ms": 0}
+
+
+@FUZZ
+@given(
+    option=st.sampled_from(sorted(MINIMUMS)),
+    value=st.integers(-(10**30), 0).map(str) | st.text(alphabet="abc,;-_ e", max_size=6),
+)
+@example(option="--seed", value=str(2**64))
+@example(option="--seed", value=str(-(2**63) - 1))
+def test_search_minimums(option, value, tiny, tmp_path, refused):
+    """Numbers below an option's minimum, and text that is no number."""
+    assume(option == "--seed" or not value.lstrip("-").isdigit() or int(value) < MINIMUMS[option])
     out = fresh(tmp_path).with_suffix(".json")
     refused(["search", tiny, option, value, "--out", out], out)
 
@@ -429,7 +430,15 @@ def scores_tensors(draw) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+SCORES_EDGES = [  # tensors that fit, with a header that is not a JSON object or is nested too deeply
+    ({unit: torch.zeros(size) for unit, size in FITTING.items()}, {"anyshape": "[1]"}),
+    ({unit: torch.zeros(1) for unit in UNITS}, {"anyshape": "[1]"}),
+    ({unit: torch.zeros(size) for unit, size in FITTING.items()}, {"anyshape": "[" * 10**5}),
+]
+
+
 @FUZZ
+@examples("case", SCORES_EDGES)
 @given(case=scores_tensors() | st.binary(max_size=120))
 def test_scores_file(case, config, tiny, tmp_path, refused):
     path = fresh(tmp_path).with_suffix(".safetensors")

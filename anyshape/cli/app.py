@@ -45,6 +45,15 @@ ShapeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Refuse to start training when the estimated peak memory of a step exceeds this (e.g. 8GiB); "
+        "default: what the loaded model holds plus what is free.",
+        metavar="SIZE",
+        show_default=False,
+    ),
+]
 
 
 @app.callback()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from anyshape.cli.app import JsonOpt, app, emit
+from anyshape.cli.app import JsonOpt, MaxMemoryOpt, app, emit
 from anyshape.cli.train import DEFAULTS, absolute_paths
 from anyshape.train.settings import TrainSettings, read_settings
 
@@ -72,6 +73,7 @@ def prune_command(
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.", min=1)] = DEFAULTS.save_every,
     eval_every: Annotated[int, typer.Option(help="Held-out perplexity every N steps.", min=1)] = DEFAULTS.eval_every,
     seed: Annotated[int, typer.Option(help="Seed of data order and mask noise.")] = DEFAULTS.seed,
+    max_memory: MaxMemoryOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in an OUT that holds another run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -94,6 +96,8 @@ def prune_command(
 
     if resume:
         settings = read_settings(out / RUN)
+        if max_memory is not None:
+            settings = dataclasses.replace(settings, max_memory=max_memory).check()
     else:
         if model is None:
             raise typer.BadParameter("name the MODEL to prune (or pass --resume)", param_hint="MODEL")
@@ -106,6 +110,7 @@ def prune_command(
             target_warmup_steps=target_warmup_steps, mask_lr=mask_lr, lambda_lr=lambda_lr, sampling="largest",
             kd=kd, steps=prune_steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             save_every=save_every, eval_every=eval_every, seed=seed, warmup_steps=max(1, prune_steps // 10),
+            max_memory=max_memory,
         )  # fmt: skip
         settings = absolute_paths(settings).check()
     result = prune(

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
+from anyshape.cli.app import JsonOpt, MaxMemoryOpt, ModelArg, app, emit
 from anyshape.model.load import load_config
 from anyshape.share.plan import COMPONENT_CHOICES, RECOVERIES, STRATEGIES, build_plan
 from anyshape.share.storage import storage_summary
@@ -68,6 +68,7 @@ def share_command(
     batch_size: Annotated[int, typer.Option(help="Sequences per step (both stages).", min=1)] = 4,
     save_every: Annotated[int, typer.Option(help="Stage 2: checkpoint every N steps.", min=1)] = 50,
     precision: Annotated[str, typer.Option(help="Stage 2: auto, fp32 or bf16, as anyshape train.")] = "auto",
+    max_memory: MaxMemoryOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order and the warm-up's batches.")] = 0,
     work: Annotated[
         Path | None, typer.Option(help="Working folder of the stages. Default: OUT.work, removed at the end.")
@@ -105,7 +106,7 @@ def share_command(
         model=model, plan=plan, out=str(out), data=_absolute(data), val_data=_absolute(val_data), seq_len=seq_len,
         warmup_steps=warmup_steps, warmup_sequences=warmup_sequences, warmup_lr=warmup_lr,
         finetune_steps=finetune_steps, batch_size=batch_size, lr=lr, save_every=save_every, precision=precision,
-        seed=seed, work=None if work is None else str(work.absolute()),
+        max_memory=max_memory, seed=seed, work=None if work is None else str(work.absolute()),
     )  # fmt: skip
     summary = share(
         settings, resume=resume, overwrite=overwrite, progress=True, log=lambda message: print(message, file=sys.stderr)

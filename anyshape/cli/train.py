@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import _click
 
-from anyshape.cli.app import JsonOpt, app, emit
+from anyshape.cli.app import JsonOpt, MaxMemoryOpt, app, emit
 from anyshape.cli.search import AlignOpt
 from anyshape.errors import AnyshapeError
 from anyshape.router.budget import parse_anchors
@@ -108,6 +108,7 @@ def train_command(
             "with an error naming the step (after a checkpoint of the steps before it)."
         ),
     ] = DEFAULTS.on_nonfinite,
+    max_memory: MaxMemoryOpt = None,
     precision: Annotated[
         str, typer.Option(help="auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16.")
     ] = DEFAULTS.precision,

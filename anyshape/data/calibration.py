@@ -7,6 +7,7 @@ from torch import Tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.errors import DataError
+from anyshape.memory import check_allocation
 
 NUM_SEQUENCES = 32
 SEQUENCE_LENGTH = 512
@@ -36,6 +37,11 @@ def random_windows(ids: Tensor, num_sequences: int, sequence_length: int, seed: 
             f"the calibration text has {len(ids)} tokens, fewer than one sequence of {sequence_length}; "
             "give more text or a smaller --sequence-length"
         )
+    check_allocation(
+        num_sequences * (sequence_length + 1) * 8,
+        f"{num_sequences:,} windows of {sequence_length:,} tokens",
+        "draw fewer with --num-sequences",
+    )
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.randint(0, len(ids) - sequence_length + 1, (num_sequences,), generator=generator)
     return torch.stack([ids[offset : offset + sequence_length] for offset in offsets.tolist()])

@@ -58,6 +58,7 @@ class ShareSettings:
     lr: float = 5e-4
     save_every: int = 50
     precision: str = "auto"
+    max_memory: str | None = None  # stage 2: as anyshape train's --max-memory
     seed: int = 0
     work: str | None = None  # None: OUT.work beside OUT
 
@@ -79,7 +80,7 @@ class ShareSettings:
             out=str(self.work_folder / "run"), fractions=(1.0,), random_shapes=0, kd="none", adapter="full",
             steps=steps, seq_len=self.seq_len, batch_size=self.batch_size, lr=self.lr,
             warmup_steps=max(1, steps // 10), save_every=self.save_every, eval_every=steps, precision=self.precision,
-            seed=self.seed,
+            max_memory=self.max_memory, seed=self.seed,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

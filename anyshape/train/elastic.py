@@ -34,6 +34,7 @@ from anyshape.data.text import default_text
 from anyshape.errors import AnyshapeError
 from anyshape.evaluate.perplexity import mean_nll
 from anyshape.files import atomic_files, clear_leftovers
+from anyshape.memory import RUNTIME_BYTES, available_memory, check_memory, parse_size, training_memory
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.shape import Shape
@@ -145,6 +146,7 @@ def _train(
     )  # fmt: skip
     add_trainable_modules(model, settings)
     control = controller(settings, space, model.config, device)
+    _check_memory(model, settings, micro_batch // world.world_size, device)
     companions = control.companions if control is not None else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = _wrap(model, device, world, settings) if trainable else model
@@ -565,6 +567,24 @@ def add_trainable_modules(model: ElasticLlama, settings: TrainSettings) -> None:
         model.requires_grad_(False)
     if settings.modulation:
         add_modulation(model)
+
+
+def _check_memory(model: ElasticLlama, settings: TrainSettings, sequences: int, device: torch.device) -> None:
+    """Refuses, before the first batch, a run whose estimated peak (anyshape.memory) exceeds
+    --max-memory or, without it, what the loaded model holds plus what is still free."""
+    estimate = training_memory(
+        model.config, model.full_shape, sequences, settings.seq_len,
+        sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )  # fmt: skip
+    if settings.max_memory is not None:
+        limit = parse_size(settings.max_memory)
+    else:
+        limit = available_memory(device) + estimate.weights + RUNTIME_BYTES
+    fix = (
+        "lower --batch-size or raise --grad-accum (fewer sequences per pass), shorten --seq-len, or train an "
+        "adapter (--adapter lora); pass a larger --max-memory if the estimate is too cautious"
+    )
+    check_memory(estimate, limit, f"a training step of {sequences} x {settings.seq_len} tokens", fix)
 
 
 def _clip(parameters: list[Tensor], max_norm: float) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 
 from anyshape.errors import AnyshapeError, first_line
 from anyshape.importance.scores import scores_beside
+from anyshape.memory import parse_size
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.load import RUN_FILE, resolve
 from anyshape.router.budget import check_basis, parse_anchors
@@ -22,7 +23,8 @@ from anyshape.train.sampling import SAMPLING
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE = ("skip", "stop")  # what a step whose loss or gradient is NaN or inf does
 SEEDS = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
-RESUMABLE = ("out", "save_every", "eval_every", "log_every", "on_nonfinite")  # may change when a run resumes (or moves)
+# may change when a run resumes (or moves)
+RESUMABLE = ("out", "save_every", "eval_every", "log_every", "on_nonfinite", "max_memory")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0: no clipping
     on_nonfinite: str = "skip"  # a NaN or inf loss or gradient: skip the step (logged), or stop the run
+    max_memory: str | None = None  # refuse a run whose estimated peak exceeds this ("8GiB"); None: what is free
     precision: str = "auto"  # auto: bf16 autocast on a CUDA device that has it, else fp32
     distributed: str = "ddp"  # under torchrun: ddp, or fsdp (sharded per decoder layer)
     val_fraction: float = 0.05
@@ -112,6 +115,8 @@ class TrainSettings:
             raise AnyshapeError(f"seed={self.seed} is out of range; use an integer in 0..{SEEDS[1] - 1}")
         if not self.fractions or not all(0 < value <= 1 for value in self.fractions):
             raise AnyshapeError(f"fractions {list(self.fractions)} must each be in (0, 1], e.g. 0.25,0.5,0.75,1")
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
         if self.seq_len < 2:
             raise AnyshapeError(f"seq_len={self.seq_len} must be at least 2 (one token predicts the next)")
         if self.batch_size % self.grad_accum:

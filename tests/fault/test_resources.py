@@ -1,0 +1,77 @@
+"""Resource limits: a training step that will not fit is refused before the first batch, with
+the estimate in the message; calibration draws too large for memory are refused before they
+are allocated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anyshape.memory
+from anyshape.cli.app import main
+from anyshape.data.calibration import random_windows
+from anyshape.errors import AnyshapeError
+from anyshape.memory import GiB, parse_size, training_memory
+from anyshape.model.load import load_config
+from anyshape.shape import Shape
+from tests.fault import tally
+
+
+@pytest.mark.parametrize(
+    "text, size", [("8GiB", 8 * GiB), ("8g", 8 * GiB), ("512MB", 512 * 2**20), ("1.5G", 3 * GiB // 2), ("4096", 4096)]
+)
+def test_sizes_read_in_binary_units(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1G", "0", "8 parsecs", "1e3G", "nan"])
+def test_unreadable_sizes_are_refused(text):
+    with pytest.raises(AnyshapeError, match="8GiB"):
+        parse_size(text)
+
+
+def test_estimate_grows_with_the_micro_batch_and_the_trainable_parameters(tiny_dir):
+    config = load_config(tiny_dir("llama3-gqa"))
+    full, parameters = Shape.full(config), Shape.full(config).num_parameters(config)
+    one, two = (training_memory(config, full, n, 64, parameters, parameters) for n in (1, 2))
+    assert two.activations == 2 * one.activations and two.logits == 2 * one.logits
+    assert two.weights == one.weights == 4 * parameters and one.optimizer == 12 * parameters
+    frozen = training_memory(config, full, 1, 64, parameters, 0)
+    assert frozen.optimizer == 0 and frozen.total == one.total - one.optimizer
+
+
+def test_a_step_over_max_memory_is_refused_before_the_run_starts(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("a small text to train on, repeated. " * 200)
+    out = tmp_path / "run"
+    argv = ["train", str(tiny_dir("llama3-gqa")), "--data", str(data), "--out", str(out), "--steps", "1"]
+    status = main([*argv, "--seq-len", "32", "--max-memory", "64MiB"])
+    error = capsys.readouterr().err
+    assert status == 2 and error.count("\n") == 1, error
+    assert "needs about 1.0 GiB" in error and "0.1 GiB allowed" in error and "--batch-size" in error, error
+    assert not out.exists()
+    tally.count("inputs fuzzed")
+    assert main([*argv, "--seq-len", "32", "--max-memory", "8GiB", "--save-every", "1", "--eval-every", "1"]) == 0
+
+
+def test_without_max_memory_the_limit_is_what_is_free(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(anyshape.memory.psutil, "virtual_memory", lambda: _Memory(available=0))
+    data = tmp_path / "text.txt"
+    data.write_text("a small text to train on, repeated. " * 200)
+    out = tmp_path / "run"
+    status = main(["train", str(tiny_dir("llama3-gqa")), "--data", str(data), "--out", str(out), "--seq-len", "32"])
+    error = capsys.readouterr().err
+    assert status == 2 and "needs about" in error and not out.exists(), error
+    tally.count("inputs fuzzed")
+
+
+def test_calibration_windows_too_large_for_memory_are_refused_before_allocating():
+    ids = torch.arange(1000)
+    with pytest.raises(AnyshapeError, match="--num-sequences"):
+        random_windows(ids, 10**12, 512)
+    assert random_windows(ids, 4, 16).shape == (4, 16)
+
+
+class _Memory:
+    def __init__(self, available: int):
+        self.available = available

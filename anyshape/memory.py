@@ -5,8 +5,9 @@ activations of one forward pass (each Shape's backward runs before the next Shap
 the logits (the student's, their log-softmax and gradient, the no-grad teacher's). Per token
 and decoder layer, the forward saves about 4H + 5 Q d + 3 G d + 4F + Q T values (norm inputs and
 outputs; queries, keys, values, rotated copies and attention output; gate, up, their activation
-and product; attention probabilities, which a CPU attention keeps). On SmolLM2-135M, full fine-
-tuning in float32 on the CPU, the estimate is within 10% of the measured peak (docs/reliability.md).
+and product; attention probabilities, which a CPU attention keeps), and with adapters 5H + Q d + F
+more (each adapted projection's input, again). On SmolLM2-135M in float32 on the CPU the estimate
+is within 10% of the measured peak (bench/memory.py, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -52,13 +53,16 @@ def training_memory(
     seq_len: int,
     parameters: int,
     trainable: int,
+    adapters: bool = False,
     bytes_per_value: int = 4,
 ) -> MemoryEstimate:
     """The peak of one training step of `shape` on a micro-batch of `sequences` x `seq_len`
-    tokens, with `parameters` weights of which `trainable` learn (AdamW)."""
+    tokens, with `parameters` weights of which `trainable` learn (AdamW), through `adapters` or not."""
     d, groups, queries = config.head_dim, shape.num_key_value_heads, shape.num_attention_heads
     per_layer = 4 * shape.hidden_size + 5 * queries * d + 3 * groups * d + 4 * shape.intermediate_size
     per_layer += queries * seq_len
+    if adapters:
+        per_layer += 5 * shape.hidden_size + queries * d + shape.intermediate_size
     tokens = sequences * seq_len
     activations = tokens * per_layer * len(shape.layers) * bytes_per_value
     logits = 4 * tokens * config.vocab_size * 4  # float32: logits, log-softmax, its gradient, the teacher's

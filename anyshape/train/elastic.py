@@ -575,6 +575,7 @@ def _check_memory(model: ElasticLlama, settings: TrainSettings, sequences: int, 
     estimate = training_memory(
         model.config, model.full_shape, sequences, settings.seq_len,
         sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
+        adapters=settings.adapter != "full",
     )  # fmt: skip
     if settings.max_memory is not None:
         limit = parse_size(settings.max_memory)

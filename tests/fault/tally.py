@@ -1,9 +1,9 @@
 """The fault suite's counters: each test adds what it proved, and the run prints the totals.
 
-    inputs fuzzed       bad inputs given to a parser or command, each refused with exit 2 and one line
-    kills survived      processes killed (SIGKILL) mid-run whose resumed run equalled an uninterrupted one
-    bad files refused   crafted bad files (pickles, truncated or lying headers, NaN) refused with a clear error
-    outputs lost        finished outputs found damaged or missing after a fault (goal 0)
+inputs fuzzed       bad inputs given to a parser or command, each refused with exit 2 and one line
+kills survived      processes killed (SIGKILL) mid-run whose resumed run equalled an uninterrupted one
+bad files refused   crafted bad files (pickles, truncated or lying headers, NaN) refused with a clear error
+outputs lost        finished outputs found damaged or missing after a fault (goal 0)
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""The training memory estimate (anyshape.memory) against the measured peak, SmolLM2-135M.
+
+    .venv/bin/python bench/memory.py            # three micro-batches, full fine-tuning and LoRA
+
+Each case trains 2 steps in its own process (float32, on the CPU) and reports its peak resident
+memory (ru_maxrss) beside the estimate that `anyshape train` checks before its first batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+
+CASES = ((2, 128, "full"), (4, 256, "full"), (8, 256, "full"), (4, 256, "lora"))
+
+
+def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
+    """(estimated, measured) peak GiB of a 2-step run."""
+    import anyshape.memory
+    from anyshape.train.elastic import train
+    from anyshape.train.settings import TrainSettings
+
+    estimates = []
+    original = anyshape.memory.check_memory
+
+    def keep(estimate, *args):
+        estimates.append(estimate.total / anyshape.memory.GiB)
+        original(estimate, *args)
+
+    anyshape.train.elastic.check_memory = keep
+    settings = TrainSettings(
+        model="smollm2-135m", out=tempfile.mkdtemp() + "/run", steps=2, seq_len=seq_len, batch_size=batch,
+        adapter=adapter, save_every=100, eval_every=100, precision="fp32",
+    )  # fmt: skip
+    train(settings, overwrite=True)
+    return estimates[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", help="batch,seq_len,adapter: measure one case in this process")
+    args = parser.parse_args(argv)
+    if args.case:
+        batch, seq_len, adapter = args.case.split(",")
+        print(*measure(int(batch), int(seq_len), adapter))
+        return 0
+    print("| micro-batch | adapter | estimate GiB | measured GiB | estimate / measured |\n|---|---|---:|---:|---:|")
+    for batch, seq_len, adapter in CASES:
+        case = f"{batch},{seq_len},{adapter}"
+        result = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True)
+        estimate, measured = map(float, result.stdout.split()[-2:])
+        print(f"| {batch} x {seq_len} | {adapter} | {estimate:.2f} | {measured:.2f} | {estimate / measured:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/share"), help="work folder")
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--warmup-sequences", type=int, default=64)
     parser.add_argument("--finetune-steps", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=256)

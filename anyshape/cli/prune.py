@@ -95,6 +95,10 @@ def prune_command(
     from anyshape.prune.target import PruningTarget
 
     if resume:
+        if not (out / RUN).is_dir():
+            raise typer.BadParameter(
+                f"{out} holds no pruning run to resume; start one without --resume", param_hint="--out"
+            )
         settings = read_settings(out / RUN)
         if max_memory is not None:
             settings = dataclasses.replace(settings, max_memory=max_memory).check()

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/share.py                  # the defaults below
     .venv/bin/python bench/share.py --device cuda    # the same on a GPU
+    .venv/bin/python bench/share.py --device cuda --warmup-sequences 900 --warmup-steps 2000 \
+        --batch-size 16 --finetune-steps 400 --lr 1e-3 --eval-every 50   # the GPU run in the README
     .venv/bin/python bench/share.py --quick          # a smoke run: the 40% plan, 2 steps per stage
 
 1. Two plans replace the MLPs of SmolLM2's 30 layers, next-interval, rank-32 low-rank recovery,
@@ -18,8 +20,9 @@
 4. Stored MB (model.safetensors, float32); weights read per decoded token, counting a shared
    weight at every read and once ("distinct": what a cache that keeps it between the two layers
    reads); decode tokens/s of the anyshape runtime (KV cache, batch 1) on this machine.
-Training text: wiki.valid.tokens (the shared data has no training split; 5% held out); test:
-the WikiText-2 perplexity protocol on wiki.test.raw (first --test-tokens tokens).
+Training text: wiki.valid.tokens (the shared data has no training split; 5% held out, on which
+stage 2 and the fine-tunings log perplexity every --eval-every steps); test: the WikiText-2
+perplexity protocol on wiki.test.raw (first --test-tokens tokens).
 Goal: SHARP after stage 2 beats ShortGPT at equal stored parameters.
 """
 
@@ -45,7 +48,7 @@ from anyshape.share.pipeline import ShareSettings, share
 from anyshape.share.plan import build_plan
 from anyshape.share.storage import WEIGHTS
 from anyshape.share.tie import share_weights
-from anyshape.train.elastic import train
+from anyshape.train.elastic import iterate_metrics, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 PLANS = {"40%": (5, 2, 12), "60%": (2, 3, 18)}  # next-interval start, group, count
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: the last)")
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="WikiText-2: wiki.test.raw and wiki.valid.tokens")
     parser.add_argument("--test-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--device", default="cpu", help="for perplexity (training takes CUDA when it is there)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = {"40%": PLANS["40%"]}
     speed = SpeedSettings(prompt_tokens=16, gen_tokens=8, repeats=1) if args.quick else SpeedSettings(128, 64, 3)
     started = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = True  # stage 1 and recording run in float32 on a GPU
 
     parent_folder = args.out / "parent"
     if not (parent_folder / "config.json").is_file():
@@ -80,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         anyshape.export_hf(model, model.full_shape, parent_folder, anyshape.load_tokenizer("smollm2-135m"))
     parent = anyshape.load(parent_folder)
     tokenizer = anyshape.load_tokenizer(parent_folder)
-    test_ids = tokenize(tokenizer, wikitext_text(DATA / "wiki.test.raw"), min(args.test_tokens, MAX_TOKENS))
-    train_text = DATA / "wiki.valid.tokens"
+    test_ids = tokenize(tokenizer, wikitext_text(args.data_dir / "wiki.test.raw"), min(args.test_tokens, MAX_TOKENS))
+    train_text = args.data_dir / "wiki.valid.tokens"
     influence = block_importance(
         parent, calibration_ids(tokenizer, read_text(train_text), 8, args.seq_len), tuple(range(30))
     )
@@ -97,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     layer_params = sum(p.numel() for p in parent.model.layers[0].parameters())
     mlp_params = sum(p.numel() for p in parent.model.layers[0].mlp.parameters())
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "plans": {}}
+    results["tokens"] = {
+        "stage1": args.warmup_sequences * args.seq_len,
+        "finetune": args.finetune_steps * args.batch_size * args.seq_len,
+    }
+
+    def save() -> None:  # after every plan, so an interrupted run keeps the finished ones
+        results["seconds"] = round(time.perf_counter() - started)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
     results["parent"] = row(parent_folder / WEIGHTS, parent, ppl(parent), decode(parent_folder))
     for name, (start, group, count) in plans.items():
         folder = args.out / name.rstrip("%")
@@ -117,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         rows["SHARP stage 1"] = row(compact / WEIGHTS, stage1, ppl(stage1), compact_decode)
         finetune = replace(
             replace(settings, finetune_steps=args.finetune_steps).finetune_settings(),
-            model=str(compact), out=str(folder / "run"),
+            model=str(compact), out=str(folder / "run"), eval_every=args.eval_every or args.finetune_steps,
         )  # fmt: skip
         train(finetune, overwrite=True, progress=True, log=print)
         stage2 = anyshape.load(finetune.out)  # the same tensors as stage 1's compact folder, recovery trained
-        rows["SHARP stage 2"] = row(compact / WEIGHTS, stage2, ppl(stage2), compact_decode)
+        rows["SHARP stage 2"] = row(compact / WEIGHTS, stage2, ppl(stage2), compact_decode) | curve(finetune.out)
         recovery = sum(p.numel() for p in stage1.parameters() if p.requires_grad)
         equal = round((len(plan.replaced) * mlp_params - recovery) / layer_params)
         dropped = {
@@ -141,18 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             trained = anyshape.load(tuned.out)
             rows[f"{label} ({len(layers)} layers), fine-tuned"] = row(
                 model_folder / WEIGHTS, trained, ppl(trained), decode(model_folder)
-            )
+            ) | curve(tuned.out)
         mlp_stored = 1 - (len(plan.replaced) * mlp_params - recovery) / (30 * mlp_params)
         results["plans"][name] = {"replaced": list(plan.replaced), "mlp_stored_fraction": mlp_stored, "rows": rows}
-    results["tokens"] = {
-        "stage1": args.warmup_sequences * args.seq_len,
-        "finetune": args.finetune_steps * args.batch_size * args.seq_len,
-    }
-    results["seconds"] = round(time.perf_counter() - started)
+        save()
     print(markdown(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
@@ -161,6 +171,11 @@ def row(weights: Path | None, model: ElasticLlama, ppl: float, decode: float | N
     read, distinct = weights_read_per_token(model, shape or model.full_shape)
     stored = None if weights is None else weights.stat().st_size / 2**20
     return {"stored_mb": stored, "read_mb": read / 2**20, "distinct_mb": distinct / 2**20, "decode": decode, "ppl": ppl}
+
+
+def curve(run: str) -> dict:
+    """The held-out perplexity a fine-tuning run logged: {"val_curve": [[step, perplexity], ...]}."""
+    return {"val_curve": [[m["step"], m["val_ppl"]["largest"]] for m in iterate_metrics(Path(run)) if "val_ppl" in m]}
 
 
 def weights_read_per_token(model: ElasticLlama, shape: Shape) -> tuple[int, int]:

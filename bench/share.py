@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/share.py                  # the defaults below
     .venv/bin/python bench/share.py --device cuda    # the same on a GPU
-    .venv/bin/python bench/share.py --device cuda --warmup-sequences 900 --warmup-steps 2000 \
-        --batch-size 16 --finetune-steps 400 --lr 1e-3 --eval-every 50   # the GPU run in the README
+    .venv/bin/python bench/share.py --device cuda --plans 40 --warmup-sequences 900 --warmup-steps 2000 \
+        --batch-size 16 --finetune-steps 300 --lr 1e-3 --eval-every 50   # the H100 run in the README
     .venv/bin/python bench/share.py --quick          # a smoke run: the 40% plan, 2 steps per stage
 
 1. Two plans replace the MLPs of SmolLM2's 30 layers, next-interval, rank-32 low-rank recovery,
@@ -69,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--device", default="cpu", help="for perplexity (training takes CUDA when it is there)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plans", default="40,60", help="which plans to run, by percent (default: 40,60)")
     parser.add_argument("--quick", action="store_true", help="the 40%% plan, 2 steps per stage, 1,024 test tokens")
     args = parser.parse_args(argv)
-    plans = dict(PLANS)
+    unknown = {f"{name}%" for name in args.plans.split(",")} - set(PLANS)
+    if unknown:
+        parser.error(f"--plans: no plan {', '.join(sorted(unknown))}; the plans are {', '.join(PLANS)}")
+    plans = {name: plan for name, plan in PLANS.items() if name.rstrip("%") in args.plans.split(",")}
     if args.quick:
         args.warmup_steps, args.warmup_sequences, args.finetune_steps = 2, 4, 2
         args.seq_len, args.batch_size, args.test_tokens = 64, 2, 1024

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--router-lr", type=float, default=0.05)
+    parser.add_argument("--router-lr", type=float, default=TrainSettings.router_lr)
     parser.add_argument("--budget-weight", type=float, default=100.0)
     parser.add_argument("--test-tokens", type=int, default=16384, help="of the test protocol's tokens")
     parser.add_argument("--search-trials", type=int, default=24)

@@ -30,7 +30,7 @@ from anyshape.router.budget import Budget, parent_parameters
 from anyshape.search.space import AXES, SearchSpace
 from anyshape.shape import Shape, parameter_count
 
-INITIAL_PREFERENCE = 3.0  # initial logit of an option: this x its size / the parent's
+START_WIDTH = 0.1  # the starting distribution per axis: a bump this wide, in fractions of the parent's size
 
 
 ROUTE_STEPS = 256  # budgets are routed in steps of 1/256 of the parent
@@ -82,11 +82,37 @@ class BudgetRouter(nn.Module):
         grids = torch.meshgrid(*(self._sizes(axis).double() for axis in AXES), indexing="ij")
         counts = parameter_count(config, *grids, embeddings=basis == "total")  # (k_1, ..., k_5) every grid Shape's
         self.register_buffer("grid_counts", counts, persistent=False)
-        # Start near the parent (logits rising with each option's size): the budget loss, an
-        # exact gradient, then trims each anchor down to its budget, where growing from small
-        # Shapes would rely on the noisier straight-through gradient alone.
-        with torch.no_grad():
-            self.net[2].bias.copy_(torch.cat([INITIAL_PREFERENCE * self._sizes(a) / parent[a] for a in AXES]))
+
+    @torch.no_grad()
+    def start_at_budgets(self) -> None:
+        """Sets the router's last layer so that each anchor starts at its budget: on every axis
+        a bump of width START_WIDTH around f x the parent's size, f the uniform scale whose
+        Shape has the anchor's parameters. Training then moves parameters between axes at about
+        the budget, rather than trimming down from the parent, where the budget loss of the
+        smallest anchors drags the others (they share the MLP) far below their budgets. The
+        layer is the least-squares solution of minimum norm: exact at the anchors, and no
+        iterative fit whose result would depend on rounding."""
+        targets = []
+        for anchor in self.anchors.tolist():
+            scale = self._uniform_scale(anchor)
+            bumps = [-0.5 * ((self._sizes(a) / self.parent_sizes[a] - scale) / START_WIDTH) ** 2 for a in AXES]
+            targets.append(torch.cat([bump.log_softmax(-1) for bump in bumps]))
+        hidden = self.net[1](self.net[0](self.anchor_embeddings))  # (anchors, width)
+        design = torch.cat([hidden, torch.ones(len(hidden), 1, dtype=hidden.dtype)], 1).double()
+        solution = torch.linalg.pinv(design) @ torch.stack(targets).double()  # (width + 1, options)
+        self.net[2].weight.copy_(solution[:-1].T)
+        self.net[2].bias.copy_(solution[-1])
+
+    def _uniform_scale(self, fraction: float) -> float:
+        """The f in [0, 1] at which every axis at f x the parent's size has `fraction` of the
+        parent's parameters (bisection: the count grows with f)."""
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            middle = (low + high) / 2
+            sizes = [middle * self.parent_sizes[axis] for axis in AXES]
+            count = parameter_count(self.space.config, *sizes, embeddings=self.basis == "total")
+            low, high = (middle, high) if count < fraction * self.parent_parameters else (low, middle)
+        return low
 
     # ------------------------------------------------------------------ the distribution
 

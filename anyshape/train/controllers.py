@@ -51,7 +51,9 @@ class RouterControl:
 
     def __init__(self, settings: TrainSettings, space: SearchSpace, device: torch.device):
         self.settings = settings
-        self.router = BudgetRouter(space, settings.anchors, settings.budget_basis).to(device)
+        self.router = BudgetRouter(space, settings.anchors, settings.budget_basis)
+        self.router.start_at_budgets()
+        self.router.to(device)
         self.companions: Companions = {
             "router": (self.router, torch.optim.AdamW(self.router.parameters(), lr=settings.router_lr))
         }

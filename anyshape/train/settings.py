@@ -70,7 +70,7 @@ class TrainSettings:
     anchors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # router: budgets it trains at
     budget_basis: str = "total"  # router: budgets count total or non-embedding parameters
     budget_weight: float = 100.0  # router: weight of the over-budget penalty
-    router_lr: float = 0.05
+    router_lr: float = 0.003  # Adam moves every weight by about this per step: 0.05 collapsed the anchors
     tau_start: float = 1.0  # router: Gumbel-softmax temperature, annealed exponentially
     tau_end: float = 0.1
     router_only: bool = False  # router: train the router alone, the model frozen

@@ -31,6 +31,8 @@ from anyshape.search.space import AXES, SearchSpace
 from anyshape.shape import Shape, parameter_count
 
 START_WIDTH = 0.1  # the starting distribution per axis: a bump this wide, in fractions of the parent's size
+START_STEPS = 300  # Adam steps that fit the router to its starting distributions (a least-squares
+# last layer fits exactly too, but its large weights let the 25% anchor fall to 0.37 of its budget)
 
 
 ROUTE_STEPS = 256  # budgets are routed in steps of 1/256 of the parent
@@ -83,25 +85,31 @@ class BudgetRouter(nn.Module):
         counts = parameter_count(config, *grids, embeddings=basis == "total")  # (k_1, ..., k_5) every grid Shape's
         self.register_buffer("grid_counts", counts, persistent=False)
 
-    @torch.no_grad()
     def start_at_budgets(self) -> None:
-        """Sets the router's last layer so that each anchor starts at its budget: on every axis
-        a bump of width START_WIDTH around f x the parent's size, f the uniform scale whose
-        Shape has the anchor's parameters. Training then moves parameters between axes at about
-        the budget, rather than trimming down from the parent, where the budget loss of the
-        smallest anchors drags the others (they share the MLP) far below their budgets. The
-        layer is the least-squares solution of minimum norm: exact at the anchors, and no
-        iterative fit whose result would depend on rounding."""
-        targets = []
+        """Fits the router so that each anchor starts at its budget: on every axis a bump of
+        width START_WIDTH around f x the parent's size, f the uniform scale whose Shape has the
+        anchor's parameters (log-probabilities matched by Adam). Training then moves parameters
+        between axes at about the budget, rather than trimming down from the parent, where the
+        budget loss of the smallest anchors drags the others (they share the MLP) far below
+        their budgets."""
+        targets = {}
         for anchor in self.anchors.tolist():
             scale = self._uniform_scale(anchor)
-            bumps = [-0.5 * ((self._sizes(a) / self.parent_sizes[a] - scale) / START_WIDTH) ** 2 for a in AXES]
-            targets.append(torch.cat([bump.log_softmax(-1) for bump in bumps]))
-        hidden = self.net[1](self.net[0](self.anchor_embeddings))  # (anchors, width)
-        design = torch.cat([hidden, torch.ones(len(hidden), 1, dtype=hidden.dtype)], 1).double()
-        solution = torch.linalg.pinv(design) @ torch.stack(targets).double()  # (width + 1, options)
-        self.net[2].weight.copy_(solution[:-1].T)
-        self.net[2].bias.copy_(solution[-1])
+            targets[anchor] = {
+                a: (-0.5 * ((self._sizes(a) / self.parent_sizes[a] - scale) / START_WIDTH) ** 2).log_softmax(-1)
+                for a in AXES
+            }
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        for _ in range(START_STEPS):
+            loss = sum(
+                (logits.log_softmax(-1) - targets[anchor][axis]).pow(2).mean()
+                for anchor in targets
+                for axis, logits in self.logits(anchor).items()
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        self.zero_grad(set_to_none=True)  # training's first step must not add the fit's gradients
 
     def _uniform_scale(self, fraction: float) -> float:
         """The f in [0, 1] at which every axis at f x the parent's size has `fraction` of the

@@ -187,17 +187,24 @@ def test_router_and_modulation_resume_exactly(router_settings):
     _assert_same_run(Path(run_settings.out), Path(reference.out))
 
 
-def _assert_same_run(a: Path, b: Path, router_atol: float = 1e-5) -> None:
+def _assert_same_run(a: Path, b: Path) -> None:
     assert_same_state(anyshape.load(a), anyshape.load(b), atol=1e-5, rtol=1e-4)
-    assert_same_state(load_router(a), load_router(b), atol=router_atol, rtol=1e-4)
+    assert_same_state(load_router(a), load_router(b), atol=1e-5, rtol=1e-4)
 
 
 def test_two_processes_train_the_same_router_as_one(router_settings):
-    run_settings = replace(router_settings, router_only=False, steps=3, grad_accum=2, save_every=3, eval_every=3)
+    run_settings = replace(
+        router_settings, router_only=False, steps=3, grad_accum=2, save_every=3, eval_every=3, router_lr=0.003
+    )
     single = train_in_one_and_two_processes(run_settings)
-    # Summing the gradients in another order moves Adam's router steps by rounding (5e-5 seen);
-    # a process that trained its router alone would differ by about the learning rate (0.05).
-    _assert_same_run(Path(run_settings.out), Path(single.out), router_atol=5e-4)
+    assert_same_state(anyshape.load(run_settings.out), anyshape.load(single.out), atol=1e-5, rtol=1e-4)
+    # The same choice distributions at and between the anchors. Not the same weights: an option
+    # of almost no probability has a gradient at the level of rounding, whose sign Adam turns
+    # into a step of the full learning rate, so summing in another order moves those weights.
+    two, one = load_router(Path(run_settings.out)), load_router(Path(single.out))
+    for budget in (0.25, 0.375, 0.5, 0.625, 0.75, 1.0):
+        for axis, logits in two.logits(budget).items():
+            torch.testing.assert_close(logits.softmax(-1), one.logits(budget)[axis].softmax(-1), atol=1e-4, rtol=0)
 
 
 def test_route_and_extract_by_budget(capsys, router_settings, tmp_path):

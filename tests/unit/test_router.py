@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM
 
 import anyshape
 from anyshape import AnyshapeError, Shape
+from anyshape.model.load import load_config
 from anyshape.model.masks import MaskedShape
 from anyshape.router.budget import Budget, parse_anchors
 from anyshape.router.router import BudgetRouter, straight_through
 from anyshape.search.space import AXES, SearchSpace
+from anyshape.shape import parameter_count
 from anyshape.train.adapters import add_adapters, merged
 from anyshape.train.checkpoint import load_router
 from anyshape.train.elastic import train
@@ -269,3 +271,20 @@ def test_per_layer_masks_select_each_layers_own_units(tiny_dir):
             layer.self_attn.o_proj.weight *= heads[i].repeat_interleave(config.head_dim)
             layer.mlp.down_proj.weight *= neurons[i]
         torch.testing.assert_close(model(INPUT_IDS, masked), pruned(INPUT_IDS, full), atol=1e-5, rtol=1e-5)
+
+
+def test_each_anchor_starts_at_its_budget():
+    config = load_config("smollm2-135m")  # SmolLM2's sizes (the GGUF header only)
+    space = SearchSpace.from_fractions(config, tuple(i / 16 for i in range(2, 17)), align=32)
+    torch.manual_seed(0)
+    router = BudgetRouter(space, (0.25, 0.5, 0.75, 1.0))
+    for anchor in (0.25, 0.5, 0.75):
+        scale = router._uniform_scale(anchor)
+        sizes = [scale * router.parent_sizes[axis] for axis in AXES]
+        assert parameter_count(config, *sizes) / router.parent_parameters == pytest.approx(anchor, rel=1e-6)
+    router.start_at_budgets()
+    assert all(p.grad is None for p in router.parameters()), "the fit's gradients would leak into training"
+    with torch.no_grad():
+        for anchor in (0.25, 0.5, 0.75):
+            assert router.expected_fraction(router.logits(anchor)).item() / anchor == pytest.approx(1, abs=0.05)
+        assert router.route(Budget(1.0)).shape == Shape.full(config)

@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", default="40,60", help="which plans to run, by percent (default: 40,60)")
     parser.add_argument("--quick", action="store_true", help="the 40%% plan, 2 steps per stage, 1,024 test tokens")
     args = parser.parse_args(argv)
-    unknown = {f"{name}%" for name in args.plans.split(",")} - set(PLANS)
-    if unknown:
-        parser.error(f"--plans: no plan {', '.join(sorted(unknown))}; the plans are {', '.join(PLANS)}")
-    plans = {name: plan for name, plan in PLANS.items() if name.rstrip("%") in args.plans.split(",")}
+    chosen = {f"{name}%" for name in args.plans.split(",")}
+    if chosen - set(PLANS):
+        parser.error(f"--plans: no plan {', '.join(sorted(chosen - set(PLANS)))}; the plans are {', '.join(PLANS)}")
+    plans = {name: plan for name, plan in PLANS.items() if name in chosen}
     if args.quick:
         args.warmup_steps, args.warmup_sequences, args.finetune_steps = 2, 4, 2
         args.seq_len, args.batch_size, args.test_tokens = 64, 2, 1024

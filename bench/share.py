@@ -16,7 +16,9 @@
 3. ShortGPT: the same layers dropped, and, at equal stored parameters, the k layers of lowest
    Block Influence (k: the replaced MLPs' parameters less SHARP's recovery, in whole layers);
    zero-shot and after fine-tuning with the same tokens (LoRA of the same rank on every
-   projection, the same steps, batch, sequence length and learning rate as stage 2).
+   projection, the same steps, batch, sequence length and learning rate as stage 2). With
+   --finetune-weights every fine-tuning trains every stored weight instead: stage 2 the shared
+   weights beside the recovery, ShortGPT in full.
 4. Stored MB (model.safetensors, float32); weights read per decoded token, counting a shared
    weight at every read and once ("distinct": what a cache that keeps it between the two layers
    reads); decode tokens/s of the anyshape runtime (KV cache, batch 1) on this machine.
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--finetune-weights", action="store_true",
+        help="every fine-tuning trains every stored weight: SHARP's stage 2 the shared weights too, ShortGPT in full "
+        "(instead of LoRA)",
+    )  # fmt: skip
     parser.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: the last)")
     parser.add_argument("--data-dir", type=Path, default=DATA, help="WikiText-2: wiki.test.raw and wiki.valid.tokens")
     parser.add_argument("--test-tokens", type=int, default=MAX_TOKENS)
@@ -125,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = ShareSettings(
             model=str(parent_folder), plan=plan, out=str(folder / "stage1"), data=str(train_text),
             seq_len=args.seq_len, warmup_steps=args.warmup_steps, warmup_sequences=args.warmup_sequences,
-            finetune_steps=0, batch_size=args.batch_size, lr=args.lr, save_every=max(1, args.finetune_steps),
+            finetune_steps=0, finetune_weights=args.finetune_weights, batch_size=args.batch_size, lr=args.lr,
+            save_every=max(1, args.finetune_steps),
         )  # fmt: skip
         rows = {}
         direct = anyshape.load(parent_folder)
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         train(finetune, overwrite=True, progress=True, log=print)
         stage2 = anyshape.load(finetune.out)  # the same tensors as stage 1's compact folder, recovery trained
         rows["SHARP stage 2"] = row(compact / WEIGHTS, stage2, ppl(stage2), compact_decode) | curve(finetune.out)
-        recovery = sum(p.numel() for p in stage1.parameters() if p.requires_grad)
+        recovery = sum(p.numel() for name, p in stage1.named_parameters() if ".adapter." in name)
         equal = round((len(plan.replaced) * mlp_params - recovery) / layer_params)
         dropped = {
             "same": ("ShortGPT same layers", plan.replaced),
@@ -156,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"{label} ({len(layers)} layers), zero-shot"] = row(
                 model_folder / WEIGHTS, parent, ppl(parent, shape), None, shape
             )
-            tuned = replace(finetune, model=str(model_folder), out=str(model_folder.parent / "run"), adapter="lora",
-                            lora_rank=args.rank)  # fmt: skip
+            tuned = replace(
+                finetune, model=str(model_folder), out=str(model_folder.parent / "run"), all_weights=False,
+                adapter="full" if args.finetune_weights else "lora", lora_rank=args.rank,
+            )  # fmt: skip
             train(tuned, overwrite=True, progress=True, log=print)
             trained = anyshape.load(tuned.out)
             rows[f"{label} ({len(layers)} layers), fine-tuned"] = row(

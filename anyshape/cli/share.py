@@ -63,6 +63,13 @@ def share_command(
     finetune_steps: Annotated[
         int, typer.Option(help="Stage 2: steps of end-to-end fine-tuning of the recovery (0: none).", min=0)
     ] = 200,
+    finetune_weights: Annotated[
+        bool,
+        typer.Option(
+            help="Stage 2: train every stored weight too, not only the recovery (a shared weight learns from both "
+            "layers that read it; still stored once)."
+        ),
+    ] = False,
     lr: Annotated[float, typer.Option(help="Stage 2: peak learning rate (warmup, then cosine).")] = 5e-4,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence (both stages).", min=2)] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (both stages).", min=1)] = 4,
@@ -105,8 +112,9 @@ def share_command(
     settings = ShareSettings(
         model=model, plan=plan, out=str(out), data=_absolute(data), val_data=_absolute(val_data), seq_len=seq_len,
         warmup_steps=warmup_steps, warmup_sequences=warmup_sequences, warmup_lr=warmup_lr,
-        finetune_steps=finetune_steps, batch_size=batch_size, lr=lr, save_every=save_every, precision=precision,
-        max_memory=max_memory, seed=seed, work=None if work is None else str(work.absolute()),
+        finetune_steps=finetune_steps, finetune_weights=finetune_weights, batch_size=batch_size, lr=lr,
+        save_every=save_every, precision=precision, max_memory=max_memory, seed=seed,
+        work=None if work is None else str(work.absolute()),
     )  # fmt: skip
     summary = share(
         settings, resume=resume, overwrite=overwrite, progress=True, log=lambda message: print(message, file=sys.stderr)

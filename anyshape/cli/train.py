@@ -84,6 +84,13 @@ def train_command(
         str,
         typer.Option(help="full (every weight), lora, or smol (Shape-gated LoRA experts); base frozen with adapters."),
     ] = DEFAULTS.adapter,
+    all_weights: Annotated[
+        bool,
+        typer.Option(
+            help="With --adapter full, train every weight, also those the model keeps frozen (a compact model of "
+            "anyshape share: its stored weights, not only its recovery)."
+        ),
+    ] = DEFAULTS.all_weights,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.", min=1)] = DEFAULTS.lora_rank,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha. Default: 2 x rank.")] = None,
     experts: Annotated[int, typer.Option(help="smol: LoRA experts per projection.", min=1)] = DEFAULTS.experts,

@@ -1,9 +1,10 @@
 """`anyshape share` end to end: plan, stage 1 (warm-up), stage 2 (fine-tuning), compact folder.
 
     WORK/warmup/   the shared model after stage 1, in the compact format (a MODEL for every command)
-    WORK/run/      stage 2: an `anyshape train` run of WORK/warmup that trains only the recovery
-                   (the compact loader freezes everything else; the full Shape, next-token loss),
-                   so it has the loop's checkpoints, exact resume and DDP under torchrun
+    WORK/run/      stage 2: an `anyshape train` run of WORK/warmup that trains the recovery (the
+                   compact loader freezes everything else) or, with finetune_weights, every
+                   stored weight too (a shared one learns from both layers that read it); the
+                   full Shape, next-token loss; the loop's checkpoints, exact resume, DDP
     OUT/           the final compact folder, written atomically; WORK is removed afterwards
 
 An interrupted share keeps WORK; `resume` reuses a finished warm-up with the same settings and
@@ -54,6 +55,7 @@ class ShareSettings:
     warmup_sequences: int = 64  # stage 1: sequences recorded (the last 10% held out)
     warmup_lr: float = 1e-3
     finetune_steps: int = 200  # stage 2: optimizer steps of the training loop (0: none)
+    finetune_weights: bool = False  # stage 2: train every stored weight too, not only the recovery
     batch_size: int = 4
     lr: float = 5e-4
     save_every: int = 50
@@ -78,6 +80,7 @@ class ShareSettings:
         return TrainSettings(
             model=str(self.work_folder / "warmup"), data=self.data, val_data=self.val_data,
             out=str(self.work_folder / "run"), fractions=(1.0,), random_shapes=0, kd="none", adapter="full",
+            all_weights=self.finetune_weights,
             steps=steps, seq_len=self.seq_len, batch_size=self.batch_size, lr=self.lr,
             warmup_steps=max(1, steps // 10), save_every=self.save_every, eval_every=steps, precision=self.precision,
             max_memory=self.max_memory, seed=self.seed,

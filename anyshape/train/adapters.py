@@ -109,6 +109,11 @@ def add_adapters(
         raise AnyshapeError(f"unknown adapter targets {unknown}; choose among {', '.join(PROJECTIONS)}")
     if kind == "full":
         return [p for p in model.parameters() if p.requires_grad]
+    if any(projection.adapter is not None for _, projection in projections(model)):
+        raise AnyshapeError(
+            f"the model already has adapters (a compact shared model's recovery), which --adapter {kind} would "
+            "replace; train it with --adapter full (the recovery, or with --all-weights every weight)"
+        )
     model.requires_grad_(False)
     alpha = 2.0 * rank if alpha is None else alpha
     for _, projection in projections(model):

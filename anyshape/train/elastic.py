@@ -561,7 +561,10 @@ def _no_sync(model: nn.Module) -> Iterator[None]:
 
 def add_trainable_modules(model: ElasticLlama, settings: TrainSettings) -> None:
     """Adds what `settings` train besides (or instead of) the weights: adapters, modulation;
-    with router_only the model's own weights are frozen."""
+    with router_only the model's own weights are frozen, with all_weights every weight trains
+    (a compact shared model's stored weights too, not only its recovery)."""
+    if settings.all_weights:
+        model.requires_grad_(True)
     add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
     if settings.router_only:
         model.requires_grad_(False)

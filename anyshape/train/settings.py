@@ -43,6 +43,7 @@ class TrainSettings:
     kd: str = "cosine"  # a KD loss, or "none": every Shape learns the next token
     balance_losses: bool = False
     adapter: str = "full"
+    all_weights: bool = False  # full: train every weight, also those a compact shared model keeps frozen
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: 2 x rank
     experts: int = 4  # smol: LoRA experts per projection
@@ -152,6 +153,8 @@ class TrainSettings:
                 f"router_only keeps the model frozen, so --adapter {self.adapter} would never train; "
                 "drop one of the two"
             )
+        if self.all_weights and (self.adapter != "full" or self.router_only):
+            raise AnyshapeError("all_weights trains every weight: use it with --adapter full and without --router-only")
         return self
 
     def space(self, config: LlamaFamilyConfig) -> SearchSpace:

@@ -181,13 +181,49 @@ def test_stage_two_trains_only_the_recovery_and_resumes_exactly(tiny_dir, text, 
     assert projection(resumed, 2, "down_proj").weight is projection(resumed, 1, "down_proj").weight
 
 
+def test_stage_two_can_train_every_weight_and_still_stores_each_shared_tensor_once(tiny_dir, text, tmp_path):
+    model = anyshape.load(tiny_dir(PARENT))
+    share_weights(model, TWO)
+    compact = save_shared(model, TWO, tmp_path / "shared", byte_tokenizer())
+    settings = TrainSettings(
+        model=str(compact), data=str(text), out=str(tmp_path / "run"), fractions=(1.0,), random_shapes=0,
+        kd="none", adapter="full", all_weights=True, steps=4, seq_len=32, batch_size=4, lr=1e-2, save_every=2,
+        eval_every=4,
+    )  # fmt: skip
+    reference = train_interrupted_and_resumed(settings, 2)
+    resumed = anyshape.load(settings.out)
+    assert_same_state(resumed, anyshape.load(reference.out))
+    before = anyshape.load(compact)
+    changed = {
+        name
+        for (name, a), (_, b) in zip(resumed.state_dict().items(), before.state_dict().items(), strict=True)
+        if not torch.equal(a, b)
+    }
+    assert {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.adapter.lora_A"} <= changed
+    assert projection(resumed, 2, "down_proj").weight is projection(resumed, 1, "down_proj").weight
+    tuned = anyshape.load(save_shared(resumed, TWO, tmp_path / "tuned"))
+    torch.testing.assert_close(logits(tuned), logits(resumed), atol=0, rtol=0)
+    assert (tmp_path / "tuned" / WEIGHTS).stat().st_size == (compact / WEIGHTS).stat().st_size
+
+
+def test_an_adapter_that_would_replace_the_recovery_is_refused(capsys, tiny_dir, text, tmp_path):
+    model = anyshape.load(tiny_dir(PARENT))
+    share_weights(model, TWO)
+    compact = save_shared(model, TWO, tmp_path / "shared", byte_tokenizer())
+    args = ["train", compact, "--data", text, "--adapter", "lora", "--steps", "1", "--out", tmp_path / "run"]
+    assert_bad_input(capsys, args, "already has adapters", "--adapter full")
+    with pytest.raises(AnyshapeError, match="--adapter full"):
+        TrainSettings(adapter="lora", all_weights=True).check()
+
+
 def test_share_command_writes_a_model_that_every_command_reads(capsys, tiny_dir, text, tmp_path, monkeypatch):
     import anyshape.share.pipeline as pipeline
 
     out = tmp_path / "shared"
     args = ["share", tiny_dir(PARENT), "--replace", "consecutive", "--start-layer", "1", "--count", "2",
             "--components", "both", "--rank", "4", "--data", text, "--warmup-steps", "4", "--warmup-sequences", "4",
-            "--finetune-steps", "4", "--save-every", "2", "--seq-len", "32", "--lr", "1e-2", "--out", out]  # fmt: skip
+            "--finetune-steps", "4", "--finetune-weights", "--save-every", "2", "--seq-len", "32", "--lr", "1e-2",
+            "--out", out]  # fmt: skip
     original_train = pipeline.train
 
     def interrupted_train(*positional, **options):
@@ -214,6 +250,8 @@ def test_share_command_writes_a_model_that_every_command_reads(capsys, tiny_dir,
     assert info["effective_parameters"] == info["num_parameters"] > info["stored_parameters"]
     assert info["stored_bytes"] == (out / WEIGHTS).stat().st_size < info["plain_bytes"]
     assert info["sharing"]["pairs"] == "2:1 3:1"
+    shared, parent = anyshape.load(out), anyshape.load(tiny_dir(PARENT))
+    assert not torch.equal(projection(shared, 1, "up_proj").weight, projection(parent, 1, "up_proj").weight)
     status, stdout, err = run(capsys, "evaluate", out, "--ppl", "--data", text, "--json")
     assert status == 0, err
     status, _, err = run(capsys, "extract", out, "--merge", "--out", tmp_path / "plain")

@@ -2,8 +2,14 @@
 
 e(b)       the router's input: a learned embedding per anchor budget; between two anchors
            the linear interpolation of theirs (the ends are held beyond the outermost)
-logits     MLP(e(b)) split into one categorical distribution per axis of the search space
-           (depth, hidden size, KV groups, query heads per group, MLP size) over its options
+logits     one categorical distribution per axis of the search space (depth, hidden size, KV
+           groups, query heads per group, MLP size) over its options: sigmoid(MLP(e(b))) gives
+           each axis a centre c in (0, 1), a fraction of the parent's size, and an option of
+           relative size x gets the logit -(x - c)^2 / (2 WIDTH^2): a bump, so that between two
+           anchors the centre moves between theirs instead of the argmax jumping between
+           their modes (with free logits per option the 37.5% route took the 25% anchor's
+           depth and hidden size, 1.28x the loss of a random search's Shape; a learned width
+           grew until the distribution was flat)
 training   a Gumbel-softmax sample per axis from softmax(logits / tau), one-hot in the forward
            and soft in the backward (straight-through), turned into channel masks
            (`MaskedShape`); tau anneals, so sampling explores first and ends near the argmax;
@@ -30,9 +36,8 @@ from anyshape.router.budget import Budget, parent_parameters
 from anyshape.search.space import AXES, SearchSpace
 from anyshape.shape import Shape, parameter_count
 
-START_WIDTH = 0.1  # the starting distribution per axis: a bump this wide, in fractions of the parent's size
-START_STEPS = 300  # Adam steps that fit the router to its starting distributions (a least-squares
-# last layer fits exactly too, but its large weights let the 25% anchor fall to 0.37 of its budget)
+WIDTH = 0.1  # each axis's bump: its standard deviation, in fractions of the parent's size
+START_STEPS = 300  # Adam steps that fit the router to its starting centres
 
 
 ROUTE_STEPS = 256  # budgets are routed in steps of 1/256 of the parent
@@ -61,9 +66,7 @@ class BudgetRouter(nn.Module):
         config = space.config
         self.register_buffer("anchors", torch.tensor(sorted(anchors), dtype=torch.float64))
         self.anchor_embeddings = nn.Parameter(torch.randn(len(anchors), width))
-        self.net = nn.Sequential(
-            nn.Linear(width, width), nn.SiLU(), nn.Linear(width, sum(len(space.options[a]) for a in AXES))
-        )
+        self.net = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, len(AXES)))
         parent = {
             "num_hidden_layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size,
@@ -86,26 +89,18 @@ class BudgetRouter(nn.Module):
         self.register_buffer("grid_counts", counts, persistent=False)
 
     def start_at_budgets(self) -> None:
-        """Fits the router so that each anchor starts at its budget: on every axis a bump of
-        width START_WIDTH around f x the parent's size, f the uniform scale whose Shape has the
-        anchor's parameters (log-probabilities matched by Adam). Training then moves parameters
-        between axes at about the budget, rather than trimming down from the parent, where the
-        budget loss of the smallest anchors drags the others (they share the MLP) far below
-        their budgets."""
-        targets = {}
-        for anchor in self.anchors.tolist():
-            scale = self._uniform_scale(anchor)
-            targets[anchor] = {
-                a: (-0.5 * ((self._sizes(a) / self.parent_sizes[a] - scale) / START_WIDTH) ** 2).log_softmax(-1)
-                for a in AXES
-            }
+        """Fits the router so that each anchor starts at its budget: every axis's bump centred
+        on f, the uniform scale whose Shape has the anchor's parameters (Adam on the squared
+        error of the centres). Training then moves
+        parameters between axes at about the budget, rather than trimming down from the parent,
+        where the budget loss of the smallest anchors drags the others (they share the MLP) far
+        below their budgets."""
+        anchors = self.anchors.tolist()
+        targets = torch.tensor([[self._uniform_scale(anchor)] for anchor in anchors])  # (anchors, 1)
         optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
         for _ in range(START_STEPS):
-            loss = sum(
-                (logits.log_softmax(-1) - targets[anchor][axis]).pow(2).mean()
-                for anchor in targets
-                for axis, logits in self.logits(anchor).items()
-            )
+            centres = torch.stack([self.centres(anchor) for anchor in anchors])  # (anchors, axes)
+            loss = (centres - targets).pow(2).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -134,10 +129,18 @@ class BudgetRouter(nn.Module):
         t = (budget - anchors[upper - 1]) / (anchors[upper] - anchors[upper - 1])
         return (1 - t) * self.anchor_embeddings[upper - 1] + t * self.anchor_embeddings[upper]
 
+    def centres(self, budget: float) -> Tensor:
+        """(axes,) each axis's bump centre for a budget fraction, in fractions of the parent's size."""
+        return self.net(self.embedding(budget)).sigmoid()
+
     def logits(self, budget: float) -> dict[str, Tensor]:
-        """axis -> (k_axis,) logits over `space.options[axis]`."""
-        flat = self.net(self.embedding(budget))
-        return dict(zip(AXES, flat.split([len(self.space.options[a]) for a in AXES]), strict=True))
+        """axis -> (k_axis,) logits over `space.options[axis]`: -(x - c)^2 / (2 WIDTH^2) for an
+        option of x times the parent's size and the axis's centre c."""
+        centres = self.centres(budget)
+        return {
+            axis: -0.5 * ((self._sizes(axis) / self.parent_sizes[axis] - centres[i]) / WIDTH) ** 2
+            for i, axis in enumerate(AXES)
+        }
 
     def expected_fraction(self, logits: dict[str, Tensor], tau: float = 1.0) -> Tensor:
         """() expected parameters of a Shape drawn from softmax(logits / tau), as a fraction of

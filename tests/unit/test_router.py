@@ -77,7 +77,7 @@ def test_hard_masks_compute_what_the_sliced_shape_computes(tiny_dir, name):
     seen = set()
     with torch.no_grad():
         for budget in [0.3, 0.5, 0.7, 0.9] * 2:
-            masked = router.sample(router.logits(budget), 0.5, generator)
+            masked = router.sample(router.logits(budget), 5.0, generator)  # hot: the bumps spread
             shape = _sampled_shape(router, masked)
             seen.add(shape)
             torch.testing.assert_close(model(INPUT_IDS, masked), model(INPUT_IDS, shape), atol=2e-5, rtol=1e-5)
@@ -90,8 +90,8 @@ def test_masks_pass_gradients_to_every_choice(tiny_dir):
     router = BudgetRouter(_space(model), (0.25, 1.0))
     logits = router.logits(0.5)
     model(INPUT_IDS, router.sample(logits, 1.0, torch.Generator().manual_seed(0))).logsumexp(-1).mean().backward()
-    gradient = router.net[2].weight.grad.split([len(router.space.options[a]) for a in AXES])
-    assert all(g.abs().sum() > 0 for g in gradient), "some axis gets no gradient through its masks"
+    gradient = router.net[2].weight.grad  # (axes, width): each axis's centre
+    assert all(row.abs().sum() > 0 for row in gradient), "some axis gets no gradient through its masks"
 
 
 def test_modulation_folds_into_the_weights_exactly(tiny_dir, tmp_path):
@@ -164,7 +164,7 @@ def test_budgets_parse_fractions_and_counts(tiny_dir):
 @pytest.fixture
 def router_settings(settings):  # noqa: F811
     return replace(
-        settings, router=True, router_only=True, fractions=(0.25, 0.5, 0.75, 1.0), steps=200, router_lr=0.05,
+        settings, router=True, router_only=True, fractions=(0.25, 0.5, 0.75, 1.0), steps=200,
         warmup_steps=20, save_every=200, eval_every=200, val_batches=1,
     )  # fmt: skip
 

@@ -160,47 +160,43 @@ def test_merged_export_reloads_in_transformers_with_the_compact_models_logits(ti
             torch.testing.assert_close(reloaded(INPUT_IDS).logits, logits(compact, shape), atol=1e-5, rtol=1e-5)
 
 
-def test_stage_two_trains_only_the_recovery_and_resumes_exactly(tiny_dir, text, tmp_path):
+def run_stage_two(tiny_dir, text, tmp_path, all_weights: bool):
+    """Stage 2 of TWO on the tiny parent, interrupted and resumed (checked equal to an
+    uninterrupted run): the compact folder it started from, the run, and the resumed model."""
     model = anyshape.load(tiny_dir(PARENT))
     share_weights(model, TWO)
     compact = save_shared(model, TWO, tmp_path / "shared", byte_tokenizer())
     settings = TrainSettings(
         model=str(compact), data=str(text), out=str(tmp_path / "run"), fractions=(1.0,), random_shapes=0,
-        kd="none", adapter="full", steps=4, seq_len=32, batch_size=4, lr=1e-2, save_every=2, eval_every=4,
+        kd="none", adapter="full", all_weights=all_weights, steps=4, seq_len=32, batch_size=4, lr=1e-2,
+        save_every=2, eval_every=4,
     )  # fmt: skip
     reference = train_interrupted_and_resumed(settings, 2)
     resumed = anyshape.load(settings.out)
     assert_same_state(resumed, anyshape.load(reference.out))
+    assert projection(resumed, 2, "down_proj").weight is projection(resumed, 1, "down_proj").weight
+    return compact, Path(settings.out), resumed
+
+
+def changed_tensors(model, before) -> set[str]:
+    pairs = zip(model.state_dict().items(), before.state_dict().items(), strict=True)
+    return {name for (name, a), (_, b) in pairs if not torch.equal(a, b)}
+
+
+def test_stage_two_trains_only_the_recovery_and_resumes_exactly(tiny_dir, text, tmp_path):
+    compact, run, resumed = run_stage_two(tiny_dir, text, tmp_path, all_weights=False)
     from safetensors.torch import load_file
 
-    saved = load_file(Path(settings.out) / "checkpoint" / "weights.safetensors")
+    saved = load_file(run / "checkpoint" / "weights.safetensors")
     assert saved and all(".adapter." in name for name in saved), sorted(saved)[:3]
-    before = anyshape.load(compact)
-    for (name, a), (_, b) in zip(resumed.state_dict().items(), before.state_dict().items(), strict=True):
-        assert torch.equal(a, b) != (".adapter." in name), f"{name}: only recovery may change"
-    assert projection(resumed, 2, "down_proj").weight is projection(resumed, 1, "down_proj").weight
+    recovery = {name for name in resumed.state_dict() if ".adapter." in name}
+    assert changed_tensors(resumed, anyshape.load(compact)) == recovery, "only the recovery may change"
 
 
 def test_stage_two_can_train_every_weight_and_still_stores_each_shared_tensor_once(tiny_dir, text, tmp_path):
-    model = anyshape.load(tiny_dir(PARENT))
-    share_weights(model, TWO)
-    compact = save_shared(model, TWO, tmp_path / "shared", byte_tokenizer())
-    settings = TrainSettings(
-        model=str(compact), data=str(text), out=str(tmp_path / "run"), fractions=(1.0,), random_shapes=0,
-        kd="none", adapter="full", all_weights=True, steps=4, seq_len=32, batch_size=4, lr=1e-2, save_every=2,
-        eval_every=4,
-    )  # fmt: skip
-    reference = train_interrupted_and_resumed(settings, 2)
-    resumed = anyshape.load(settings.out)
-    assert_same_state(resumed, anyshape.load(reference.out))
-    before = anyshape.load(compact)
-    changed = {
-        name
-        for (name, a), (_, b) in zip(resumed.state_dict().items(), before.state_dict().items(), strict=True)
-        if not torch.equal(a, b)
-    }
+    compact, _, resumed = run_stage_two(tiny_dir, text, tmp_path, all_weights=True)
+    changed = changed_tensors(resumed, anyshape.load(compact))
     assert {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.adapter.lora_A"} <= changed
-    assert projection(resumed, 2, "down_proj").weight is projection(resumed, 1, "down_proj").weight
     tuned = anyshape.load(save_shared(resumed, TWO, tmp_path / "tuned"))
     torch.testing.assert_close(logits(tuned), logits(resumed), atol=0, rtol=0)
     assert (tmp_path / "tuned" / WEIGHTS).stat().st_size == (compact / WEIGHTS).stat().st_size

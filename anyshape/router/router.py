@@ -91,10 +91,9 @@ class BudgetRouter(nn.Module):
     def start_at_budgets(self) -> None:
         """Fits the router so that each anchor starts at its budget: every axis's bump centred
         on f, the uniform scale whose Shape has the anchor's parameters (Adam on the squared
-        error of the centres). Training then moves
-        parameters between axes at about the budget, rather than trimming down from the parent,
-        where the budget loss of the smallest anchors drags the others (they share the MLP) far
-        below their budgets."""
+        error of the centres). Training then moves parameters between axes at about the budget,
+        rather than trimming down from the parent, where the budget loss of the smallest anchors
+        drags the others (they share the MLP) far below their budgets."""
         anchors = self.anchors.tolist()
         targets = torch.tensor([[self._uniform_scale(anchor)] for anchor in anchors])  # (anchors, 1)
         optimizer = torch.optim.Adam(self.parameters(), lr=0.01)

@@ -16,6 +16,10 @@ training   a Gumbel-softmax sample per axis from softmax(logits / tau), one-hot 
            the budget loss relu(E[params] / budget - 1), E over that same distribution, is the
            parameter count at the expected sizes (exact: the count is multilinear in the sizes
            and the axes are independent)
+settling   the MLP is free off the anchors: a 37.5% route had fewer layers than the 25% and
+           50% anchors. Before routing, a short fit moves each axis's centre at every budget
+           between two anchors into the range of the anchors' centres, holding the anchors'
+           (`load_router` settles the router it loads)
 routing    the argmax choice per axis; if its Shape is over the budget, the most probable
            Shape of the grid that is within it
 """
@@ -38,6 +42,7 @@ from anyshape.shape import Shape, parameter_count
 
 WIDTH = 0.1  # each axis's bump: its standard deviation, in fractions of the parent's size
 START_STEPS = 300  # Adam steps that fit the router to its starting centres
+SETTLE_STEPS = 600  # Adam steps that settle the centres between the anchors
 
 
 ROUTE_STEPS = 256  # budgets are routed in steps of 1/256 of the parent
@@ -127,6 +132,36 @@ class BudgetRouter(nn.Module):
             return self.anchor_embeddings[upper]
         t = (budget - anchors[upper - 1]) / (anchors[upper] - anchors[upper - 1])
         return (1 - t) * self.anchor_embeddings[upper - 1] + t * self.anchor_embeddings[upper]
+
+    def settle_between_anchors(self) -> None:
+        """Fits the router so that each axis's centre at every budget between two anchors lies
+        between the anchors' centres, which stay where training put them (Adam on the
+        betweenness loss at budgets spread over each interval, plus 100 x the anchors' squared
+        drift: they move by about 1e-4, which leaves their routes as they were)."""
+        anchors = self.anchors.tolist()
+        with torch.no_grad():
+            trained = torch.stack([self.centres(anchor) for anchor in anchors])  # (anchors, axes)
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.003)
+        for step in range(SETTLE_STEPS):
+            centres = torch.stack([self.centres(anchor) for anchor in anchors])
+            t = (step % 19 + 1) / 20  # 0.05 .. 0.95
+            loss = 100 * (centres - trained).pow(2).sum() + self.betweenness_loss(t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        self.zero_grad(set_to_none=True)
+
+    def betweenness_loss(self, t: float) -> Tensor:
+        """() how far each axis's centre at the budget a fraction `t` in (0, 1) of the way from
+        one anchor to the next lies outside the range of the two anchors' centres (held fixed),
+        summed over axes and neighbouring pairs: zero when every interpolated centre lies
+        between its anchors'."""
+        anchors = self.anchors.tolist()
+        centres = torch.stack([self.centres(anchor) for anchor in anchors]).detach()  # (anchors, axes)
+        low, high = torch.minimum(centres[:-1], centres[1:]), torch.maximum(centres[:-1], centres[1:])
+        pairs = zip(anchors[:-1], anchors[1:], strict=True)
+        between = torch.stack([self.centres(a + t * (b - a)) for a, b in pairs])  # (anchors - 1, axes)
+        return (F.relu(low - between) + F.relu(between - high)).sum()
 
     def centres(self, budget: float) -> Tensor:
         """(axes,) each axis's bump centre for a budget fraction, in fractions of the parent's size."""

@@ -146,7 +146,8 @@ def load_companion(run: Path, name: str, module: nn.Module) -> nn.Module:
 
 
 def load_router(run: Path) -> BudgetRouter:
-    """The budget router a run trained (`anyshape train --router`)."""
+    """The budget router a run trained (`anyshape train --router`), settled between its
+    anchors for routing (`BudgetRouter.settle_between_anchors`)."""
     from anyshape.model.load import load_config
     from anyshape.train.settings import read_settings
 
@@ -154,4 +155,5 @@ def load_router(run: Path) -> BudgetRouter:
     if not settings.router:
         raise CheckpointError(f"{run} was trained without a router; train one with --router --anchors ...")
     router = BudgetRouter(settings.space(load_config(settings.model)), settings.anchors, settings.budget_basis)
-    return load_companion(run, "router", router).eval()
+    load_companion(run, "router", router).settle_between_anchors()
+    return router.eval()

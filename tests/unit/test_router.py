@@ -181,6 +181,37 @@ def test_a_trained_router_meets_its_anchors_and_grows_with_the_budget(router_set
     counts = [router.route(Budget(b)).num_parameters for b in BUDGETS]
     assert counts == sorted(counts), f"parameters not monotone in the budget: {counts}"
     assert counts[-1] > 2 * counts[0]
+    _assert_centres_between_anchors(router, tolerance=0.003)
+
+
+def _assert_centres_between_anchors(router: BudgetRouter, tolerance: float) -> None:
+    """Every axis's centre at budgets between two anchors lies between the anchors' centres."""
+    anchors = router.anchors.tolist()
+    with torch.no_grad():
+        for low, high in itertools.pairwise(anchors):
+            ends = torch.stack([router.centres(low), router.centres(high)])
+            for t in torch.linspace(0.05, 0.95, 19).tolist():
+                budget = low + t * (high - low)
+                centres = router.centres(budget)
+                outside = torch.maximum(ends.min(0).values - centres, centres - ends.max(0).values).max().item()
+                assert outside <= tolerance, f"at {budget:.3f} a centre is {outside:.3f} outside its anchors'"
+
+
+def test_settling_puts_interpolated_centres_between_the_anchors_and_keeps_the_anchors(tiny_dir):
+    model = anyshape.load(tiny_dir("llama3-gqa"))
+    torch.manual_seed(0)
+    router = BudgetRouter(_space(model), (0.25, 0.5, 0.75, 1.0))
+    with torch.no_grad():  # a far-off interpolation: the anchors' embeddings nearly cancel pairwise
+        router.anchor_embeddings.copy_(torch.randn(1, 64) * torch.tensor([[3.0], [-3.0], [3.0], [-3.0]]))
+        anchors = router.anchors.tolist()
+        trained = torch.stack([router.centres(anchor) for anchor in anchors])
+    assert max(router.betweenness_loss(t).item() for t in (0.25, 0.5, 0.75)) > 0.01
+    router.settle_between_anchors()
+    assert all(p.grad is None for p in router.parameters())
+    _assert_centres_between_anchors(router, tolerance=0.003)
+    with torch.no_grad():
+        settled = torch.stack([router.centres(anchor) for anchor in anchors])
+    torch.testing.assert_close(settled, trained, atol=1e-3, rtol=0)
 
 
 def test_router_and_modulation_resume_exactly(router_settings):
@@ -284,6 +315,7 @@ def test_each_anchor_starts_at_its_budget():
         assert parameter_count(config, *sizes) / router.parent_parameters == pytest.approx(anchor, rel=1e-6)
     router.start_at_budgets()
     assert all(p.grad is None for p in router.parameters()), "the fit's gradients would leak into training"
+    _assert_centres_between_anchors(router, tolerance=0.003)
     with torch.no_grad():
         for anchor in (0.25, 0.5, 0.75):
             assert router.expected_fraction(router.logits(anchor)).item() / anchor == pytest.approx(1, abs=0.05)

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--router-lr", type=float, default=TrainSettings.router_lr)
     parser.add_argument("--budget-weight", type=float, default=100.0)
+    parser.add_argument("--seed", type=int, default=TrainSettings.seed, help="the run's: start, samples, batch order")
     parser.add_argument("--test-tokens", type=int, default=16384, help="of the test protocol's tokens")
     parser.add_argument("--search-trials", type=int, default=24)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         model=str(sorted_parent), data=str(DATA / "wiki.valid.tokens"), out=str(args.out / "run"),
         router=True, router_only=True, anchors=(0.25, 0.5, 0.75, 1.0), fractions=FRACTIONS, kd="forward-kl",
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, router_lr=args.router_lr,
-        budget_weight=args.budget_weight, warmup_steps=max(1, args.steps // 10), save_every=args.steps,
+        budget_weight=args.budget_weight, seed=args.seed, warmup_steps=max(1, args.steps // 10), save_every=args.steps,
         eval_every=args.steps, val_batches=1,
     )  # fmt: skip
     if not (args.out / "run" / "checkpoint").is_dir():

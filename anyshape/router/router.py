@@ -19,7 +19,7 @@ training   a Gumbel-softmax sample per axis from softmax(logits / tau), one-hot 
 settling   the MLP is free off the anchors: a 37.5% route had fewer layers than the 25% and
            50% anchors. Before routing, a short fit moves each axis's centre at every budget
            between two anchors into the range of the anchors' centres, holding the anchors'
-           (`load_router` settles the router it loads)
+           own centres (`load_router` settles the router it loads)
 routing    the argmax choice per axis; if its Shape is over the budget, the most probable
            Shape of the grid that is within it
 """

@@ -259,13 +259,23 @@ def test_train_choices(option, value, tiny, tmp_path, refused):
 @given(option=st.sampled_from(sorted(NUMBER_OPTIONS)), value=numbers_as_text)
 def test_train_numbers(option, value, tiny, tmp_path, refused):
     field, out = NUMBER_OPTIONS[option], fresh(tmp_path)
-    kind = type(getattr(TrainSettings(), field))
-    try:
-        parsed = kind(value)
-    except (ValueError, OverflowError):
-        parsed = None
+    parsed = _as_cli_reads(type(getattr(TrainSettings(), field)), value)
     assume(parsed is None or bad_settings({field: parsed}, tiny, out))
     refused(["train", tiny, option, value, "--out", out], out)
+
+
+def _as_cli_reads(kind: type, text: str) -> int | float | None:
+    """`text` as the CLI parses an option of type `kind`, or None if it refuses it; an integer
+    option also takes an integral decimal ("3.0" is 3), as typer's validation does."""
+    try:
+        return kind(text)
+    except (ValueError, OverflowError):
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if kind is int and number.is_integer() else None
 
 
 @FUZZ

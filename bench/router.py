@@ -15,6 +15,10 @@
      by calibration perplexity (16 x 256 tokens of wiki.valid.tokens).
 Goals: the router beats all three heuristics at 50% and 25%; at 37.5% and 62.5% its loss is
 within 3% of the search's.
+
+With `--joint` the model trains with the router (LLaMaFlex's main setting: full fine-tuning at
+the Shapes the router samples, distilled from the parent), and every Shape is evaluated, and
+searched, on the trained weights.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=TrainSettings.seed, help="the run's: start, samples, batch order")
     parser.add_argument("--test-tokens", type=int, default=16384, help="of the test protocol's tokens")
     parser.add_argument("--search-trials", type=int, default=24)
+    parser.add_argument("--joint", action="store_true", help="train the model with the router, not frozen")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="2 steps, 4,096 test tokens, 2 search trials")
     args = parser.parse_args(argv)
@@ -67,17 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     sorted_parent = sorted_model(args.out.parent / "train" / "sorted", args.scores)
-    parent = anyshape.load(sorted_parent)
-    config = parent.config
-    tokenizer = anyshape.load_tokenizer(sorted_parent)
-    test_ids = tokenize(tokenizer, wikitext_text(DATA / "wiki.test.raw"), min(args.test_tokens, MAX_TOKENS))
-
-    def loss(shape) -> float:
-        return math.log(perplexity(parent, test_ids, shape, progress=True).perplexity)
-
     settings = TrainSettings(
         model=str(sorted_parent), data=str(DATA / "wiki.valid.tokens"), out=str(args.out / "run"),
-        router=True, router_only=True, anchors=(0.25, 0.5, 0.75, 1.0), fractions=FRACTIONS, kd="forward-kl",
+        router=True, router_only=not args.joint, anchors=(0.25, 0.5, 0.75, 1.0), fractions=FRACTIONS, kd="forward-kl",
         steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, router_lr=args.router_lr,
         budget_weight=args.budget_weight, seed=args.seed, warmup_steps=max(1, args.steps // 10), save_every=args.steps,
         eval_every=args.steps, val_batches=1,
@@ -85,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.out / "run" / "checkpoint").is_dir():
         train(settings, overwrite=True, progress=True, log=print)
     router = load_router(args.out / "run")
+    parent = anyshape.load(args.out / "run" if args.joint else sorted_parent)  # the weights the router chose for
+    config = parent.config
+    tokenizer = anyshape.load_tokenizer(sorted_parent)
+    test_ids = tokenize(tokenizer, wikitext_text(DATA / "wiki.test.raw"), min(args.test_tokens, MAX_TOKENS))
+
+    def loss(shape) -> float:
+        return math.log(perplexity(parent, test_ids, shape, progress=True).perplexity)
+
     ranking = [i for n in sorted(router.space.layer_sets) for i in router.space.layer_sets[n]]
     ranking = list(dict.fromkeys(ranking))  # layers in the order depth selection adds them
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/router.py                 # the defaults below, on this machine
     .venv/bin/python bench/router.py --quick         # a smoke run: 2 steps, 4,096 test tokens
+    .venv/bin/python bench/router.py --joint         # the model trains with the router (below)
 
 1. The parent is SmolLM2 sorted by importance (as in bench/train.py), weights frozen.
 2. `anyshape train --router --router-only`: a router over a fine grid (1/16 steps of every axis,

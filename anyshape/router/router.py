@@ -27,7 +27,7 @@ routing    the argmax choice per axis; if its Shape is over the budget, the most
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +101,7 @@ class BudgetRouter(nn.Module):
         drags the others (they share the MLP) far below their budgets."""
         anchors = self.anchors.tolist()
         targets = torch.tensor([[self._uniform_scale(anchor)] for anchor in anchors])  # (anchors, 1)
-        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
-        for _ in range(START_STEPS):
-            centres = torch.stack([self.centres(anchor) for anchor in anchors])  # (anchors, axes)
-            loss = (centres - targets).pow(2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        self.zero_grad(set_to_none=True)  # training's first step must not add the fit's gradients
+        self._fit(lambda step: (self._anchor_centres() - targets).pow(2).sum(), START_STEPS, lr=0.01)
 
     def _uniform_scale(self, fraction: float) -> float:
         """The f in [0, 1] at which every axis at f x the parent's size has `fraction` of the
@@ -138,18 +131,28 @@ class BudgetRouter(nn.Module):
         between the anchors' centres, which stay where training put them (Adam on the
         betweenness loss at budgets spread over each interval, plus 100 x the anchors' squared
         drift: they move by about 1e-4, which leaves their routes as they were)."""
-        anchors = self.anchors.tolist()
         with torch.no_grad():
-            trained = torch.stack([self.centres(anchor) for anchor in anchors])  # (anchors, axes)
-        optimizer = torch.optim.Adam(self.parameters(), lr=0.003)
-        for step in range(SETTLE_STEPS):
-            centres = torch.stack([self.centres(anchor) for anchor in anchors])
+            trained = self._anchor_centres()
+
+        def loss(step: int) -> Tensor:
             t = (step % 19 + 1) / 20  # 0.05 .. 0.95
-            loss = 100 * (centres - trained).pow(2).sum() + self.betweenness_loss(t)
+            return 100 * (self._anchor_centres() - trained).pow(2).sum() + self.betweenness_loss(t)
+
+        self._fit(loss, SETTLE_STEPS, lr=0.003)
+
+    def _fit(self, loss: Callable[[int], Tensor], steps: int, lr: float) -> None:
+        """`steps` Adam steps on `loss(step)`; no gradients are left behind (training's first
+        step must not add a fit's)."""
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss(step).backward()
             optimizer.step()
         self.zero_grad(set_to_none=True)
+
+    def _anchor_centres(self) -> Tensor:
+        """(anchors, axes) each anchor's centres."""
+        return torch.stack([self.centres(anchor) for anchor in self.anchors.tolist()])
 
     def betweenness_loss(self, t: float) -> Tensor:
         """() how far each axis's centre at the budget a fraction `t` in (0, 1) of the way from
@@ -157,7 +160,7 @@ class BudgetRouter(nn.Module):
         summed over axes and neighbouring pairs: zero when every interpolated centre lies
         between its anchors'."""
         anchors = self.anchors.tolist()
-        centres = torch.stack([self.centres(anchor) for anchor in anchors]).detach()  # (anchors, axes)
+        centres = self._anchor_centres().detach()  # (anchors, axes)
         low, high = torch.minimum(centres[:-1], centres[1:]), torch.maximum(centres[:-1], centres[1:])
         pairs = zip(anchors[:-1], anchors[1:], strict=True)
         between = torch.stack([self.centres(a + t * (b - a)) for a, b in pairs])  # (anchors - 1, axes)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anyshape.errors import ShapeError
-from anyshape.model.config import LlamaFamilyConfig
+
+if TYPE_CHECKING:  # the Shape is checked against a config, which lives in the model above it
+    from anyshape.model.config import LlamaFamilyConfig
 
 Size = Any  # an int, a float or a tensor of sizes
 WIDTH_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")

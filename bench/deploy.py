@@ -153,7 +153,7 @@ def fit_windows(tokenizer, settings: CompressSettings) -> torch.Tensor:
 
 def measure_speed(args: argparse.Namespace, rows: list) -> None:
     """Adds decode tokens/s in llama.cpp (q8_0) and anyshape, and the q8_0 GGUF's size."""
-    from anyshape.evaluate.speed import SpeedSettings, benchmark  # only here: quality runs without them
+    from anyshape.deploy.speed import SpeedSettings, benchmark  # only here: quality runs without them
     from anyshape.export.gguf import export_gguf
 
     speed = SpeedSettings(prompt_tokens=128, gen_tokens=32 if args.quick else 128, repeats=args.repeats)

@@ -51,11 +51,12 @@ import anyshape
 from anyshape import ElasticLlama, Shape
 from anyshape.data.calibration import calibration_ids
 from anyshape.data.text import read_text, wikitext_text
-from anyshape.evaluate.perplexity import mean_nll, perplexity, tokenize
+from anyshape.evaluate.perplexity import perplexity, tokenize
 from anyshape.importance.activations import AGGREGATIONS, ActivationRecord, record_activations
 from anyshape.importance.layers import select_layers
 from anyshape.importance.permute import Permutation, permute_, sort_
 from anyshape.importance.scores import Scores, magnitude_scores
+from anyshape.model.nll import mean_nll
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 TARGETS = (0.50, 0.75)  # fractions of the non-embedding parameters

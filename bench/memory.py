@@ -20,7 +20,7 @@ CASES = ((2, 128, "full"), (4, 256, "full"), (8, 256, "full"), (4, 256, "lora"))
 def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
     """(estimated, measured) peak GiB of a 2-step run."""
     import anyshape.memory
-    from anyshape.train.elastic import train
+    from anyshape.train.loop import train
     from anyshape.train.settings import TrainSettings
 
     estimates = []
@@ -30,7 +30,7 @@ def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
         estimates.append(estimate.total / anyshape.memory.GiB)
         original(estimate, *args)
 
-    anyshape.train.elastic.check_memory = keep
+    anyshape.train.loop.check_memory = keep
     settings = TrainSettings(
         model="smollm2-135m", out=tempfile.mkdtemp() + "/run", steps=2, seq_len=seq_len, batch_size=batch,
         adapter=adapter, save_every=100, eval_every=100, precision="fp32",

@@ -35,7 +35,8 @@ from anyshape.importance.scores import SCORES_FILENAME, Scores
 from anyshape.prune.pipeline import MODEL, RUN, prune
 from anyshape.search.space import layer_sets_from_ranking
 from anyshape.shape import Shape
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.settings import TrainSettings
 
 sys.path.insert(0, str(Path(__file__).parent))

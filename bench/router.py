@@ -37,11 +37,12 @@ from anyshape.compress.report import describe
 from anyshape.data.calibration import calibration_ids
 from anyshape.data.text import read_text, wikitext_text
 from anyshape.evaluate.perplexity import MAX_TOKENS, perplexity, tokenize
-from anyshape.router.budget import Budget
+from anyshape.router.control import RouterControl, load_router
 from anyshape.search.algorithms import search
+from anyshape.search.budget import Budget
 from anyshape.search.objectives import Quality, cost_functions
-from anyshape.train.checkpoint import load_router
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.settings import TrainSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=args.steps, val_batches=1,
     )  # fmt: skip
     if not (args.out / "run" / "checkpoint").is_dir():
-        train(settings, overwrite=True, progress=True, log=print)
+        train(settings, overwrite=True, progress=True, log=print, controller=RouterControl)
     router = load_router(args.out / "run")
     parent = anyshape.load(args.out / "run" if args.joint else sorted_parent)  # the weights the router chose for
     config = parent.config

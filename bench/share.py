@@ -42,15 +42,16 @@ import anyshape
 from anyshape import Shape
 from anyshape.data.calibration import calibration_ids
 from anyshape.data.text import read_text, wikitext_text
+from anyshape.deploy.speed import SpeedSettings, benchmark
 from anyshape.evaluate.perplexity import MAX_TOKENS, perplexity, tokenize
-from anyshape.evaluate.speed import SpeedSettings, benchmark
 from anyshape.importance.layers import block_importance
 from anyshape.model.llama import ElasticLinear, ElasticLlama
 from anyshape.share.pipeline import ShareSettings, share
 from anyshape.share.plan import build_plan
 from anyshape.share.storage import WEIGHTS
 from anyshape.share.tie import share_weights
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 PLANS = {"40%": (5, 2, 12), "60%": (2, 3, 18)}  # next-interval start, group, count

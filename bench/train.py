@@ -34,7 +34,8 @@ from anyshape.data.text import wikitext_text
 from anyshape.evaluate.perplexity import MAX_TOKENS, perplexity, tokenize
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import SCORES_FILENAME, Scores, score
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.settings import TrainSettings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"

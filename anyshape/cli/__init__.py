@@ -1,5 +1,5 @@
 """Command-line interface: `anyshape COMMAND --help` teaches each command."""
 
-from anyshape.cli.app import app, main
+from anyshape.cli.main import app, main
 
 __all__ = ["app", "main"]

@@ -13,8 +13,9 @@ from typing import Annotated
 import torch
 import typer
 
+from anyshape.checkpoints import load_config
 from anyshape.cli.app import JsonOpt, ShapeOpt, app
-from anyshape.evaluate.speed import (
+from anyshape.deploy.speed import (
     RUNTIMES,
     Rate,
     SpeedResult,
@@ -25,7 +26,6 @@ from anyshape.evaluate.speed import (
     plot_speeds,
     write_csv,
 )
-from anyshape.model.load import load_config
 from anyshape.shape import Shape
 
 

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from torch import Tensor
 
+from anyshape.checkpoints import load_tokenizer
 from anyshape.data.calibration import calibration_ids
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
-from anyshape.model.load import load_tokenizer
 
 DataOpt = Annotated[
     Path | None,

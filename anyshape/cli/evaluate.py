@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
 from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
 from anyshape.evaluate import harness
 from anyshape.evaluate import perplexity as ppl_protocol
-from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.shape import Shape
 
 

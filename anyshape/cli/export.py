@@ -10,11 +10,11 @@ from typing import Annotated
 import gguf
 import typer
 
+from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
 from anyshape.cli.extract import check_out
 from anyshape.export.gguf import OUTTYPES, export_gguf
 from anyshape.export.hf import export_hf
-from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.shape import Shape
 
 FORMATS = ("gguf", "hf")

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.route import route_record, routed
 from anyshape.export.hf import export_hf
-from anyshape.model.load import load, load_config, load_tokenizer
 from anyshape.shape import Shape
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

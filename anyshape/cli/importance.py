@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.calibration import (
     BatchSizeOpt,
@@ -19,7 +20,6 @@ from anyshape.cli.calibration import (
 )
 from anyshape.data.calibration import NUM_SEQUENCES, SEQUENCE_LENGTH
 from anyshape.importance.scores import score
-from anyshape.model.load import load
 
 
 @app.command()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from anyshape.checkpoints import check_weights, load_config, resolve
 from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
 from anyshape.export.provenance import read_provenance
-from anyshape.model.load import SHARING_FILE, check_weights, load_config, resolve
 from anyshape.shape import Shape
+from anyshape.share.storage import SHARING_FILE
 
 
 @app.command()

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load, load_config
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.calibration import (
     BatchSizeOpt,
@@ -18,7 +19,6 @@ from anyshape.cli.calibration import (
 )
 from anyshape.importance.layers import select_layers
 from anyshape.importance.scores import Scores
-from anyshape.model.load import load, load_config
 
 
 @app.command()

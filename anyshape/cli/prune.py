@@ -90,7 +90,7 @@ def prune_command(
     \b
     Example: anyshape prune smollm2-135m --target-config small/config.json --data train.txt --out sheared/
     """
-    from anyshape.model.load import load_config
+    from anyshape.checkpoints import load_config
     from anyshape.prune.pipeline import RUN, prune
     from anyshape.prune.target import PruningTarget
 

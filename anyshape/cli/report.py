@@ -12,9 +12,7 @@ import typer
 from anyshape.cli.app import JsonOpt, app
 from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME
-from anyshape.evaluate import harness
-from anyshape.evaluate.perplexity import MAX_TOKENS
-from anyshape.evaluate.report import (
+from anyshape.deploy.report import (
     DEFAULT_NAME,
     ReportSettings,
     family_report,
@@ -22,7 +20,9 @@ from anyshape.evaluate.report import (
     report_files,
     write_family_report,
 )
-from anyshape.evaluate.speed import RUNTIMES, SpeedSettings
+from anyshape.deploy.speed import RUNTIMES, SpeedSettings
+from anyshape.evaluate import harness
+from anyshape.evaluate.perplexity import MAX_TOKENS
 
 _SPEED = SpeedSettings()
 

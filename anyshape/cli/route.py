@@ -43,9 +43,9 @@ def route(run: RunArg, budget: BudgetOpt, as_json: JsonOpt = False) -> None:
 
 def routed(run: Path, budget: str) -> Route:
     """The router's answer for `budget`, warning on stderr when its own choice was over it."""
-    from anyshape.model.load import load_config
-    from anyshape.router.budget import Budget
-    from anyshape.train.checkpoint import load_router
+    from anyshape.checkpoints import load_config
+    from anyshape.router.control import load_router
+    from anyshape.search.budget import Budget
 
     router = load_router(run)
     answer = router.route(Budget.parse(budget, load_config(run), router.basis))

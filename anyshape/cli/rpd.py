@@ -6,12 +6,12 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load, load_tokenizer
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.calibration import BatchSizeOpt, DataOpt, NumSequencesOpt, SeedOpt, SequenceLengthOpt
 from anyshape.data.calibration import calibration_ids
 from anyshape.data.text import load_text
 from anyshape.importance.rpd import DEFAULT_SCHEMES, Scheme, relative_perplexity_decrease
-from anyshape.model.load import load, load_tokenizer
 
 
 @app.command()

@@ -8,13 +8,13 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load, load_config, resolve
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.calibration import BatchSizeOpt, DataOpt, SeedOpt, read_calibration
 from anyshape.compress.report import describe
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import Scores, scores_beside
 from anyshape.model.config import LlamaFamilyConfig
-from anyshape.model.load import load, load_config, resolve
 from anyshape.search.algorithms import ALGORITHMS, search
 from anyshape.search.objectives import COSTS, QUALITIES, LatencyTable, Quality, cost_functions
 from anyshape.search.space import DEFAULT_ALIGN, SearchSpace, parse_fractions

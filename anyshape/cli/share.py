@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load_config
 from anyshape.cli.app import JsonOpt, MaxMemoryOpt, ModelArg, app, emit
-from anyshape.model.load import load_config
 from anyshape.share.plan import COMPONENT_CHOICES, RECOVERIES, STRATEGIES, build_plan
 from anyshape.share.storage import storage_summary
 

@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
+from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.cli.app import JsonOpt, ModelArg, app, emit
 from anyshape.cli.extract import check_out
 from anyshape.export.hf import export_hf
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import SCORES_FILENAME, Scores
-from anyshape.model.load import load, load_config, load_tokenizer
 
 
 @app.command("sort")

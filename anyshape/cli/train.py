@@ -15,8 +15,9 @@ from typer.core import _click
 from anyshape.cli.app import JsonOpt, MaxMemoryOpt, app, emit
 from anyshape.cli.search import AlignOpt
 from anyshape.errors import AnyshapeError
-from anyshape.router.budget import parse_anchors
+from anyshape.search.budget import parse_anchors
 from anyshape.search.space import parse_fractions
+from anyshape.train.controller import ControllerFactory
 from anyshape.train.settings import TrainSettings, read_settings
 
 DEFAULTS = TrainSettings()
@@ -249,7 +250,7 @@ def train_command(
       anyshape train --config recipes/smollm2-135m/elastic.yaml --resume run/
       torchrun --nproc_per_node 2 -m anyshape train --config recipes/smollm2-135m/elastic.yaml
     """
-    from anyshape.train.elastic import train
+    from anyshape.train.loop import train
 
     given = {
         name: value
@@ -271,10 +272,23 @@ def train_command(
     settings = absolute_paths(settings)
     result = train(
         settings, resume=resume is not None, overwrite=overwrite, progress=True,
-        log=lambda message: print(message, file=sys.stderr),
+        log=lambda message: print(message, file=sys.stderr), controller=_controller(settings),
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one report per torchrun launch
         emit({key: result.get(key) for key in ("step", "loss", "val_ppl")} | {"out": settings.out}, as_json)
+
+
+def _controller(settings: TrainSettings) -> ControllerFactory | None:
+    """What learns the students of `settings`: the budget router, pruning's masks, or nothing."""
+    if settings.router:
+        from anyshape.router.control import RouterControl
+
+        return RouterControl
+    if settings.prune_target is not None:
+        from anyshape.prune.control import PruningControl
+
+        return PruningControl
+    return None
 
 
 def _typed(given: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from anyshape import __version__
+from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.compress.baselines import single_axis_shapes
 from anyshape.compress.compensate import RIDGE, compensate
 from anyshape.compress.report import write_report
@@ -40,7 +40,7 @@ from anyshape.compress.stages import StageCache, input_hash, model_identity, wri
 from anyshape.data.calibration import random_windows
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
 from anyshape.errors import AnyshapeError, DataError, ShapeError
-from anyshape.evaluate.perplexity import mean_nll, perplexity
+from anyshape.evaluate.perplexity import perplexity
 from anyshape.export.extract import extract_model
 from anyshape.export.hf import export_hf
 from anyshape.files import clear_leftovers, publish_directory
@@ -49,12 +49,13 @@ from anyshape.importance.permute import sort_
 from anyshape.importance.scores import Scores, score
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
-from anyshape.model.load import load, load_config, load_tokenizer
+from anyshape.model.nll import mean_nll
 from anyshape.search.algorithms import SearchResult, search
 from anyshape.search.objectives import LatencyTable, Quality, cost_functions
 from anyshape.search.pareto import non_dominated, plot_front
 from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS, SearchSpace
 from anyshape.shape import Shape
+from anyshape.version import __version__
 
 BASES = ("total", "non-embedding")
 COMPENSATION_MODES = ("auto", "on", "off")

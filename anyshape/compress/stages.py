@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from anyshape.model.load import resolve
+from anyshape.checkpoints import resolve
 
 
 def input_hash(**inputs: Any) -> str:

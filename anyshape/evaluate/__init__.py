@@ -1,1 +1,1 @@
-"""Evaluation: perplexity (and later zero-shot accuracy, latency, memory)."""
+"""Evaluation metrics: perplexity by the standard protocol and zero-shot task accuracy (lm-eval)."""

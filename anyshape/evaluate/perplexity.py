@@ -113,17 +113,3 @@ def _batches(all_windows: list[Window], batch_size: int) -> list[list[Window]]:
         else:
             batches.append([w])
     return batches
-
-
-@torch.no_grad()
-def mean_nll(model: ElasticLlama, input_ids: Tensor, shape: Shape | None = None, batch_size: int = 4) -> float:
-    """Mean next-token negative log-likelihood (nats) over calibration sequences (N, S), every
-    position after the first of each sequence scored; exp of it is their perplexity."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(input_ids), batch_size):
-        batch = input_ids[start : start + batch_size].to(device)
-        logits = model(batch, shape)[:, :-1].float()  # (B, S-1, V)
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count

@@ -11,11 +11,11 @@ from torch import Tensor
 from transformers import MistralConfig, PretrainedConfig
 
 from anyshape.errors import ShapeError
+from anyshape.model.adapters import has_adapters, merged
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
-from anyshape.train.adapters import has_adapters, merged
 
 
 def extract_state_dict(model: ElasticLlama, shape: Shape) -> dict[str, Tensor]:

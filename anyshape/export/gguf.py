@@ -33,12 +33,12 @@ from torch import Tensor
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from anyshape import __version__
 from anyshape.errors import AnyshapeError, CheckpointError, ShapeError
 from anyshape.export.extract import extract_state_dict
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
+from anyshape.version import __version__
 
 # --outtype -> (type of every matrix, the file type llama.cpp reports)
 OUTTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from anyshape import __version__
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.shape import Shape
+from anyshape.version import __version__
 
 FILENAME = "anyshape.json"
 

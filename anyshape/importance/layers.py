@@ -23,8 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from anyshape.errors import DataError
-from anyshape.evaluate.perplexity import mean_nll
 from anyshape.model.llama import ElasticLlama
+from anyshape.model.nll import mean_nll
 
 METHODS = ("dp", "bi", "drop")
 

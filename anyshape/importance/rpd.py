@@ -14,12 +14,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from anyshape.errors import DataError
-from anyshape.evaluate.perplexity import mean_nll
 from anyshape.importance.activations import AGGREGATIONS
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import METRICS, score
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
+from anyshape.model.nll import mean_nll
 from anyshape.shape import Shape
 
 FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)

@@ -26,12 +26,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from anyshape.errors import DataError
-from anyshape.evaluate.perplexity import mean_nll
 from anyshape.importance.activations import AGGREGATIONS, record_activations
 from anyshape.importance.units import UNITS, owned_totals, unit_sizes
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.headers import FLOAT_DTYPES, check_finite, check_tensors, safetensors_header
 from anyshape.model.llama import ElasticLlama
+from anyshape.model.nll import mean_nll, next_token_nll
 
 METRICS = ("activation", "magnitude", "taylor")
 LAYER_METRICS = ("bi", "drop")
@@ -120,7 +120,7 @@ def taylor_scores(
     for start in tqdm(range(0, len(input_ids), batch_size), desc="taylor", unit="batch", disable=not progress):
         batch = input_ids[start : start + batch_size].to(model.inv_freq.device)
         logits = model(batch)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss = next_token_nll(logits, batch)
         grads = torch.autograd.grad(loss, list(parameters.values()))
         for name, grad in zip(parameters, grads, strict=True):
             gradients[name] += grad.float()

@@ -71,9 +71,9 @@ class ElasticLinear(nn.Linear):
     """A projection that runs the Shape's slice of itself: x (B, T, in') -> (B, T, out').
 
     `name` is its Hugging Face suffix (q_proj, ..., down_proj), which picks its slicing rule.
-    Two slots are None unless training fills them: `adapter` (`anyshape.train.adapters`), a
+    Two slots are None unless training fills them: `adapter` (`anyshape.model.adapters`), a
     module `adapter(x, shape)` whose output, (B, T, out'), is added (a low-rank update on the
-    same slices); and `modulation` (`anyshape.train.modulation`), a module `modulation(shape)`
+    same slices); and `modulation` (`anyshape.model.modulation`), a module `modulation(shape)`
     whose output, (out',), scales the output channels.
     """
 

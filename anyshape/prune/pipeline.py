@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from anyshape.model.load import load_tokenizer
+from anyshape.checkpoints import load_run, load_tokenizer
+from anyshape.prune.control import PruningControl
 from anyshape.prune.finalize import finalize
 from anyshape.prune.masks import PruningMasks
 from anyshape.prune.target import PruningTarget
 from anyshape.shape import Shape
-from anyshape.train.checkpoint import load_companion, load_run
-from anyshape.train.elastic import train
+from anyshape.train.checkpoint import load_companion
+from anyshape.train.loop import train
 from anyshape.train.settings import TrainSettings
 
 RUN, MODEL = "run", "model"
@@ -39,7 +40,10 @@ def prune(
     the parent (None in the processes of a torchrun launch other than rank 0)."""
     out = Path(out)
     run = out / RUN
-    train(replace(settings, out=str(run)), resume=resume, overwrite=overwrite, log=log, progress=progress)
+    train(
+        replace(settings, out=str(run)), resume=resume, overwrite=overwrite, log=log, progress=progress,
+        controller=PruningControl,
+    )  # fmt: skip
     if os.environ.get("RANK", "0") != "0":
         return None
     model = load_run(run)

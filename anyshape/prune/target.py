@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from anyshape.checkpoints import load_config
 from anyshape.errors import AnyshapeError
 from anyshape.model.config import LlamaFamilyConfig
-from anyshape.model.load import load_config
 from anyshape.shape import WIDTH_FIELDS, Shape
 
 FIELDS = ("num_hidden_layers", *WIDTH_FIELDS)

@@ -1,1 +1,1 @@
-"""The learned budget router (LLaMaFlex): budgets, the router, routing any budget to a Shape."""
+"""The learned budget router (LLaMaFlex): the router, routing any budget to a Shape, and its training controller."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from anyshape.errors import AnyshapeError
 from anyshape.model.masks import MaskedShape
-from anyshape.router.budget import Budget, parent_parameters
+from anyshape.search.budget import Budget, parent_parameters
 from anyshape.search.space import AXES, SearchSpace
 from anyshape.shape import Shape, parameter_count
 

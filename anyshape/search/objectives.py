@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anyshape.errors import DataError
-from anyshape.evaluate.perplexity import mean_nll
 from anyshape.model.llama import ElasticLlama
+from anyshape.model.nll import mean_nll
 from anyshape.shape import Shape
 
 COSTS = ("params", "params_non_embedding", "flops", "latency", "prefill")

@@ -25,16 +25,18 @@ from typing import Any
 
 import torch
 
+from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.data.text import default_text
 from anyshape.errors import AnyshapeError
-from anyshape.model.load import SHARING_FILE, load, load_config, load_tokenizer
 from anyshape.share.plan import SharingPlan
-from anyshape.share.storage import read_sharing, save_shared
+from anyshape.share.storage import SHARING_FILE, read_sharing, save_shared
 from anyshape.share.tie import share_weights
 from anyshape.share.warmup import record_layers, warm_up
 from anyshape.train.checkpoint import CHECKPOINT, STATE
 from anyshape.train.data import cached_token_ids, pack, split, tokenize_documents
-from anyshape.train.elastic import Distributed, iterate_metrics, train
+from anyshape.train.distributed import Distributed
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.settings import TrainSettings
 
 SUMMARY = ("warmup", "val_ppl_before_finetune", "val_ppl_after_finetune")  # what share returns besides "out"

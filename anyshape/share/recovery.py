@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anyshape.model.adapters import LoRA
 from anyshape.model.llama import ElasticLinear
 from anyshape.model.slicing import axes_of, slice_along, slice_parameter
 from anyshape.shape import Shape
 from anyshape.share.plan import SharingPlan
-from anyshape.train.adapters import LoRA
 
 
 def low_rank(base: ElasticLinear, rank: int) -> LoRA:

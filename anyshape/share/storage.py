@@ -10,7 +10,7 @@
 
 `load_shared` builds the ElasticLlama with the plan applied, then loads the stored tensors: a
 replaced projection gets its reference's Parameter itself, so no duplicated weight is ever
-materialised. `anyshape.load` (and so every command) reads such a folder; `extract` merges the
+materialised. `anyshape.checkpoints.load` (and so every command) reads such a folder; `extract` merges the
 recovery into plain weights.
 """
 
@@ -33,10 +33,12 @@ from anyshape.files import atomic_directory
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.headers import check_finite, check_tensors, safetensors_header
 from anyshape.model.llama import ElasticLlama
-from anyshape.model.load import SHARING_FILE, load_hf_config
+from anyshape.model.load import load_hf_config
 from anyshape.shape import Shape
 from anyshape.share.plan import COMPONENTS, SharingPlan
 from anyshape.share.tie import freeze_all_but_recovery, share_weights, tie
+
+SHARING_FILE = "sharing.json"  # marks a folder `anyshape share` wrote: each weight stored once
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"

@@ -1,1 +1,1 @@
-"""One-for-all elastic training: data, sampling, distillation, adapters, the loop."""
+"""One-for-all elastic training: the loop, its run folder, data, sampling, distillation, distributed setup."""

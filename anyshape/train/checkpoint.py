@@ -27,9 +27,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from anyshape.errors import CheckpointError, first_line
 from anyshape.files import atomic_directory
+from anyshape.model.adapters import add_adapters
 from anyshape.model.headers import FLOAT_DTYPES, check_finite, check_tensors, safetensors_header
 from anyshape.model.llama import ElasticLlama
-from anyshape.router.router import BudgetRouter
+from anyshape.model.modulation import add_modulation
+from anyshape.train.settings import TrainSettings
 
 CHECKPOINT = "checkpoint"
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "state.json"
@@ -120,20 +122,6 @@ def check_run(run: Path) -> None:
         check_tensors(path, safetensors_header(path, DAMAGED), None, FLOAT_DTYPES, DAMAGED)
 
 
-def load_run(run: Path, dtype: torch.dtype = torch.float32, allow_pickle: bool | None = None) -> ElasticLlama:
-    """The trained model of RUN: its parent (read as `anyshape.load` would, `allow_pickle`
-    included) with the run's adapters and trained weights."""
-    from anyshape.model.load import load
-    from anyshape.train.elastic import add_trainable_modules
-    from anyshape.train.settings import read_settings
-
-    settings = read_settings(run)
-    model = load(settings.model, dtype=dtype, allow_pickle=allow_pickle)
-    add_trainable_modules(model, settings)
-    load_checkpoint(run, model)
-    return model.requires_grad_(False).eval()
-
-
 def load_companion(run: Path, name: str, module: nn.Module) -> nn.Module:
     """Loads RUN's checkpoint of the companion `name` into `module`; returns it."""
     path = run / CHECKPOINT / f"{name}.safetensors"
@@ -145,15 +133,15 @@ def load_companion(run: Path, name: str, module: nn.Module) -> nn.Module:
     return module
 
 
-def load_router(run: Path) -> BudgetRouter:
-    """The budget router a run trained (`anyshape train --router`), settled between its
-    anchors for routing (`BudgetRouter.settle_between_anchors`)."""
-    from anyshape.model.load import load_config
-    from anyshape.train.settings import read_settings
-
-    settings = read_settings(run)
-    if not settings.router:
-        raise CheckpointError(f"{run} was trained without a router; train one with --router --anchors ...")
-    router = BudgetRouter(settings.space(load_config(settings.model)), settings.anchors, settings.budget_basis)
-    load_companion(run, "router", router).settle_between_anchors()
-    return router.eval()
+def add_trainable_modules(model: ElasticLlama, settings: TrainSettings) -> None:
+    """Adds what `settings` train besides (or instead of) the weights, and so what a run's
+    checkpoint holds: adapters, modulation; with router_only the model's own weights are frozen,
+    with all_weights every weight trains (a compact shared model's stored weights too, not only
+    its recovery)."""
+    if settings.all_weights:
+        model.requires_grad_(True)
+    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
+    if settings.router_only:
+        model.requires_grad_(False)
+    if settings.modulation:
+        add_modulation(model)

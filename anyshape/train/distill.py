@@ -10,7 +10,7 @@ and the teacher's t, each (B, T, V), with p = softmax(t) and q = softmax(s):
     cosine       1 - cos(s, t) over the vocabulary           (best in 2410.06479)
     l2           mean over the vocabulary of (s - t)^2
 
-`lm` is the plain next-token cross-entropy, for the largest Shape and for `--kd none`.
+The largest Shape (and every Shape with `--kd none`) learns the next token (`model.nll`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ from torch import Tensor
 from anyshape.errors import AnyshapeError
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "js", "cosine", "l2")
-
-
-def lm_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (nats): logits (B, T, V) predict input_ids (B, T) shifted by one."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
 def distillation_loss(kind: str, student: Tensor, teacher: Tensor) -> Tensor:

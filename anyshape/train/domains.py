@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.errors import DataError
-from anyshape.evaluate.perplexity import mean_nll
+from anyshape.model.nll import mean_nll
 from anyshape.shape import Shape
 from anyshape.train.data import TrainingData, _local_files, build_training_data
 

@@ -10,16 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from anyshape.errors import AnyshapeError, first_line
-from anyshape.importance.scores import scores_beside
 from anyshape.memory import parse_size
-from anyshape.model.config import LlamaFamilyConfig
-from anyshape.model.load import RUN_FILE, resolve
-from anyshape.router.budget import check_basis, parse_anchors
-from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS, SearchSpace
-from anyshape.train.adapters import ADAPTERS
+from anyshape.model.adapters import ADAPTERS
+from anyshape.search.budget import check_basis, parse_anchors
+from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS
 from anyshape.train.distill import KD_LOSSES
 from anyshape.train.sampling import SAMPLING
 
+RUN_FILE = "train.json"  # marks a folder `anyshape train` wrote: its settings, with the parent model
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE = ("skip", "stop")  # what a step whose loss or gradient is NaN or inf does
 SEEDS = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
@@ -156,13 +154,6 @@ class TrainSettings:
         if self.all_weights and (self.adapter != "full" or self.router_only):
             raise AnyshapeError("all_weights trains every weight: use it with --adapter full and without --router-only")
         return self
-
-    def space(self, config: LlamaFamilyConfig) -> SearchSpace:
-        """The Shapes training covers: the grid of `fractions`, depth keeping the best layers by
-        the scores beside the model when there are some, else the first ones."""
-        scores = scores_beside(resolve(self.model), config)
-        ranking = scores.layers.argsort(descending=True, stable=True).tolist() if scores is not None else None
-        return SearchSpace.from_fractions(config, self.fractions, ranking, self.align)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

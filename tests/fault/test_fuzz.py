@@ -24,13 +24,13 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from anyshape.cli.app import main
+from anyshape.cli import main
 from anyshape.errors import AnyshapeError
 from anyshape.importance.rpd import Scheme
 from anyshape.importance.scores import Scores
 from anyshape.model.load import load_config
 from anyshape.prune.target import PruningTarget
-from anyshape.router.budget import Budget, parse_anchors
+from anyshape.search.budget import Budget, parse_anchors
 from anyshape.search.space import SearchSpace, parse_fractions
 from anyshape.shape import Shape
 from anyshape.share.plan import build_plan

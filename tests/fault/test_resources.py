@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import anyshape.memory
-from anyshape.cli.app import main
+from anyshape.cli import main
 from anyshape.data.calibration import random_windows
 from anyshape.errors import AnyshapeError
 from anyshape.memory import GiB, parse_size, training_memory

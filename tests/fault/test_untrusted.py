@@ -30,7 +30,8 @@ from anyshape.share.storage import save_shared
 from anyshape.share.tie import share_weights
 from anyshape.train.checkpoint import CHECKPOINT
 from anyshape.train.checkpoint import WEIGHTS as RUN_WEIGHTS
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.settings import TrainSettings
 from tests.conftest import byte_tokenizer
 from tests.fault import tally
@@ -450,7 +451,7 @@ def test_nonfinite_steps_stop_the_run_when_asked(capsys, nan_loss_model, text, t
 
 def test_a_run_stopped_at_a_nonfinite_step_resumes_skipping_it(tiny_dir, text, tmp_path, monkeypatch):
     """A fault at step 2 of a healthy model: step 1 is checkpointed, and the resumed run skips step 2."""
-    import anyshape.train.elastic as elastic
+    import anyshape.train.loop as loop
 
     monkeypatch.setenv("ANYSHAPE_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -459,7 +460,7 @@ def test_a_run_stopped_at_a_nonfinite_step_resumes_skipping_it(tiny_dir, text, t
         calls.append(None)
         return "the loss of largest is not finite" if len(calls) == 2 else None
 
-    monkeypatch.setattr(elastic, "_nonfinite", second_step_fails)
+    monkeypatch.setattr(loop, "_nonfinite", second_step_fails)
     settings = settings_for(tiny_dir(PARENT), text, tmp_path / "run", on_nonfinite="stop")
     with pytest.raises(AnyshapeError, match=r"step 2: .*its checkpoint holds step 1: resume it skipping"):
         train(settings)

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import anyshape
 from anyshape import DataError, Shape, export_hf
 from anyshape.compress.compensate import compensate
-from anyshape.evaluate.perplexity import mean_nll
 from anyshape.export.extract import extract_model
+from anyshape.model.nll import mean_nll
 from tests.conftest import TINY, TINY_CONFIGS, build_tiny
 from tests.unit.test_extract import INPUT_IDS, SHAPES
 

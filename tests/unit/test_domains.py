@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from anyshape import DataError
-from anyshape.evaluate.perplexity import mean_nll
 from anyshape.model.load import load
+from anyshape.model.nll import mean_nll
 from anyshape.shape import Shape
 from anyshape.train.data import TrainingData
 from anyshape.train.domains import (

@@ -11,7 +11,8 @@ import pytest
 
 import anyshape
 from anyshape import AnyshapeError
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.settings import TrainSettings
 from tests.unit.test_cli import assert_bad_input, run
 from tests.unit.test_train import PARENT, assert_same_state, train_interrupted_and_resumed

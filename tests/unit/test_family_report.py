@@ -12,11 +12,11 @@ import pytest
 import anyshape
 from anyshape import Shape, export_hf
 from anyshape.cli import report as report_command
+from anyshape.deploy.report import ReportSettings, family_report, write_family_report
+from anyshape.deploy.speed import SpeedSettings
 from anyshape.evaluate import report as report_module
 from anyshape.evaluate.harness import evaluate_tasks
 from anyshape.evaluate.perplexity import perplexity, tokenize
-from anyshape.evaluate.report import ReportSettings, family_report, write_family_report
-from anyshape.evaluate.speed import SpeedSettings
 from tests.conftest import byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run, text_file
 from tests.unit.test_harness import CHOICE, DOCS, TASK_YAML

@@ -10,12 +10,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import anyshape
 from anyshape import AnyshapeError
+from anyshape.model.nll import next_token_nll
+from anyshape.prune.control import PruningControl
 from anyshape.prune.finalize import final_masks, final_shape, finalize
 from anyshape.prune.hard_concrete import HardConcrete
-from anyshape.prune.lagrangian import Lagrangian, lambda_optimizer, mask_optimizer
+from anyshape.prune.lagrangian import LAMBDA_LR, MASK_LR, Lagrangian, lambda_optimizer, mask_optimizer
 from anyshape.prune.masks import PruningMasks
-from anyshape.prune.step import prune_step
 from anyshape.prune.target import FIELDS, PruningTarget
+from anyshape.search.space import SearchSpace
+from anyshape.train.distill import distillation_loss
+from anyshape.train.settings import TrainSettings
 
 PARENT = "llama3-gqa"  # 4 layers, hidden 64, 8 query heads in 2 KV groups, MLP 96
 INPUT_IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -121,19 +125,38 @@ def test_masks_all_on_run_the_full_model_and_gradients_reach_every_gate(parent):
 # ---------------------------------------------------------------- the Lagrangian
 
 
+def pruning_control(config, **settings) -> PruningControl:
+    """The training loop's pruning controller for HALF, at the masks' and multipliers' default rates."""
+    settings = TrainSettings(prune_target=HALF, mask_lr=MASK_LR, lambda_lr=LAMBDA_LR, **settings)
+    return PruningControl(settings, SearchSpace.from_fractions(config), torch.device("cpu"))
+
+
+def pruning_step(control: PruningControl, model, step: int, teacher=None) -> tuple[float, float]:
+    """One step as the training loop takes it on INPUT_IDS: the controller's student learns the
+    next token (or, given teacher logits, distils them), its penalty added; the masks descend and
+    the multipliers ascend. Returns (task loss, penalty)."""
+    (student,) = control.students(step, micro=0)
+    logits = model(INPUT_IDS, shape=student.shape)
+    task = next_token_nll(logits, INPUT_IDS) if teacher is None else distillation_loss("forward-kl", logits, teacher)
+    optimizers = [optimizer for _, optimizer in control.companions.values()]
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    (task + student.penalty).backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return float(task.detach()), float(student.penalty.detach())
+
+
 def test_expected_sizes_converge_to_the_target(parent):
-    target = PruningTarget.from_dict(HALF, parent.config)
     torch.manual_seed(0)
-    masks = PruningMasks(parent.config)
-    lagrangian = Lagrangian(parent.config, target, warmup_steps=100)
-    optimizer, ascent = mask_optimizer(masks), lambda_optimizer(lagrangian)  # the default rates
-    generator = torch.Generator().manual_seed(0)
+    control = pruning_control(parent.config, target_warmup_steps=100)
+    target, lagrangian = control.target, control.lagrangian
     assert lagrangian.targets(0) == {name: 1.0 for name in FIELDS}
     assert lagrangian.targets(50)["hidden_size"] == 0.75 and lagrangian.targets(100) == target.fractions(parent.config)
     for step in range(400):
-        metrics = prune_step(parent, masks, lagrangian, INPUT_IDS, step, optimizer, ascent, generator=generator)
-    assert metrics.keys() >= {"task_loss", "lagrangian", *(f"expected_{name}" for name in FIELDS)}
-    for name, size in masks.expected_sizes().items():
+        pruning_step(control, parent, step)
+    assert control.metrics(400)["prune"].keys() >= {"expected", "target", "lambda_1", "lambda_2"}
+    for name, size in control.masks.expected_sizes().items():
         goal = getattr(target, name)
         assert (size - goal).abs().max() <= 0.02 * goal, (name, size, goal)
 
@@ -163,18 +186,14 @@ def test_lambdas_move_so_that_the_gap_closes(parent, init_keep, direction):
 
 
 def test_a_distillation_step_against_the_parent_itself_has_no_task_loss(parent):
-    masks = PruningMasks(parent.config)
+    control = pruning_control(parent.config)
     with torch.no_grad():
-        for parameter in masks.parameters():
+        for parameter in control.masks.parameters():
             parameter.fill_(100.0)
-    lagrangian = Lagrangian(parent.config, PruningTarget.from_dict(HALF, parent.config))
-    with torch.no_grad():
         teacher = parent(INPUT_IDS)
-    metrics = prune_step(
-        parent, masks, lagrangian, INPUT_IDS, 0, mask_optimizer(masks), lambda_optimizer(lagrangian), teacher
-    )
-    assert metrics["task_loss"] < 1e-6 and metrics["lagrangian"] == 0
-    assert (lagrangian.lambda_1 > 0).all(), "the parent-sized masks are above the target"
+    task_loss, penalty = pruning_step(control, parent, 0, teacher)
+    assert task_loss < 1e-6 and penalty == 0
+    assert (control.lagrangian.lambda_1 > 0).all(), "the parent-sized masks are above the target"
 
 
 # ---------------------------------------------------------------- finalisation

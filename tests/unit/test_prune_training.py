@@ -10,12 +10,14 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import anyshape
+from anyshape.prune.control import PruningControl
 from anyshape.prune.lagrangian import Lagrangian
 from anyshape.prune.masks import PruningMasks
 from anyshape.prune.pipeline import prune
 from anyshape.prune.target import PruningTarget
 from anyshape.train.checkpoint import load_companion
-from anyshape.train.elastic import iterate_metrics, train
+from anyshape.train.loop import train
+from anyshape.train.run import iterate_metrics
 from tests.unit.test_cli import assert_bad_input, run
 from tests.unit.test_train import (  # noqa: F401 (fixtures)
     PARENT,
@@ -39,7 +41,7 @@ def prune_settings(settings):  # noqa: F811
 
 
 def test_expected_sizes_reach_the_target_on_the_loop(prune_settings):
-    train(prune_settings)
+    train(prune_settings, controller=PruningControl)
     history = [record["prune"] for record in iterate_metrics(Path(prune_settings.out)) if "prune" in record]
     first, last = history[0], history[-1]
     for name, size in TARGET.items():
@@ -54,7 +56,7 @@ def test_expected_sizes_reach_the_target_on_the_loop(prune_settings):
 
 def test_killed_and_resumed_pruning_equals_an_uninterrupted_one(prune_settings):
     prune_settings = replace(prune_settings, steps=6, save_every=3, eval_every=6, target_warmup_steps=2)
-    reference = train_interrupted_and_resumed(prune_settings, 4)
+    reference = train_interrupted_and_resumed(prune_settings, 4, PruningControl)
     _assert_same_pruning(Path(prune_settings.out), Path(reference.out))
 
 
@@ -68,7 +70,7 @@ def _assert_same_pruning(a: Path, b: Path) -> None:
 
 def test_two_processes_prune_like_one(prune_settings):
     prune_settings = replace(prune_settings, steps=3, grad_accum=2, save_every=3, eval_every=3)
-    single = train_in_one_and_two_processes(prune_settings)
+    single = train_in_one_and_two_processes(prune_settings, PruningControl)
     _assert_same_pruning(Path(prune_settings.out), Path(single.out))
 
 

@@ -15,16 +15,16 @@ from transformers import AutoModelForCausalLM
 
 import anyshape
 from anyshape import AnyshapeError, Shape
+from anyshape.model.adapters import add_adapters, merged
 from anyshape.model.load import load_config
 from anyshape.model.masks import MaskedShape
-from anyshape.router.budget import Budget, parse_anchors
+from anyshape.model.modulation import add_modulation
+from anyshape.router.control import RouterControl, load_router
 from anyshape.router.router import BudgetRouter, straight_through
+from anyshape.search.budget import Budget, parse_anchors
 from anyshape.search.space import AXES, SearchSpace
 from anyshape.shape import parameter_count
-from anyshape.train.adapters import add_adapters, merged
-from anyshape.train.checkpoint import load_router
-from anyshape.train.elastic import train
-from anyshape.train.modulation import add_modulation
+from anyshape.train.loop import train
 from tests.unit.test_cli import run
 from tests.unit.test_train import (  # noqa: F401 (fixtures)
     INPUT_IDS,
@@ -170,7 +170,7 @@ def router_settings(settings):  # noqa: F811
 
 
 def test_a_trained_router_meets_its_anchors_and_grows_with_the_budget(router_settings):
-    train(router_settings)
+    train(router_settings, controller=RouterControl)
     router = load_router(Path(router_settings.out))
     config = router.space.config
     for anchor in router_settings.anchors:
@@ -216,7 +216,7 @@ def test_settling_puts_interpolated_centres_between_the_anchors_and_keeps_the_an
 
 def test_router_and_modulation_resume_exactly(router_settings):
     run_settings = replace(router_settings, router_only=False, modulation=True, steps=6, save_every=3, eval_every=3)
-    reference = train_interrupted_and_resumed(run_settings, 4)
+    reference = train_interrupted_and_resumed(run_settings, 4, RouterControl)
     _assert_same_run(Path(run_settings.out), Path(reference.out))
 
 
@@ -229,7 +229,7 @@ def test_two_processes_train_the_same_router_as_one(router_settings):
     run_settings = replace(
         router_settings, router_only=False, steps=3, grad_accum=2, save_every=3, eval_every=3, router_lr=0.003
     )
-    single = train_in_one_and_two_processes(run_settings)
+    single = train_in_one_and_two_processes(run_settings, RouterControl)
     assert_same_state(anyshape.load(run_settings.out), anyshape.load(single.out), atol=1e-5, rtol=1e-4)
     # The same choice distributions at and between the anchors. Not the same weights: an option
     # of almost no probability has a gradient at the level of rounding, whose sign Adam turns
@@ -242,7 +242,7 @@ def test_two_processes_train_the_same_router_as_one(router_settings):
 
 def test_route_and_extract_by_budget(capsys, router_settings, tmp_path):
     run_settings = replace(router_settings, router_only=False, modulation=True, steps=3, save_every=3, eval_every=3)
-    train(run_settings)
+    train(run_settings, controller=RouterControl)
     status, stdout, err = run(capsys, "route", run_settings.out, "--budget", "0.6", "--json")
     assert status == 0, err
     record = json.loads(stdout)
@@ -269,7 +269,7 @@ def test_route_and_extract_by_budget(capsys, router_settings, tmp_path):
     ],
 )
 def test_route_refuses_a_bad_budget(capsys, router_settings, arguments, words):
-    train(replace(router_settings, steps=1))
+    train(replace(router_settings, steps=1), controller=RouterControl)
     status, _, err = run(capsys, "route", router_settings.out, *arguments)
     assert status == 2 and words in err and "Traceback" not in err
 

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM
 import anyshape
 from anyshape import Shape
 from anyshape.errors import AnyshapeError
+from anyshape.model.adapters import merged
 from anyshape.share.pipeline import ShareSettings, share
 from anyshape.share.plan import SharingPlan, build_plan
 from anyshape.share.recovery import ScaledLowRank
 from anyshape.share.storage import WEIGHTS, save_shared
 from anyshape.share.tie import projection, share_weights
 from anyshape.share.warmup import record_layers, warm_up
-from anyshape.train.adapters import merged
 from anyshape.train.settings import TrainSettings
 from tests.conftest import byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run

@@ -11,7 +11,7 @@ import torch
 
 import anyshape
 from anyshape import Shape, export_hf
-from anyshape.evaluate.speed import (
+from anyshape.deploy.speed import (
     AnyshapeRuntime,
     LlamaCppRuntime,
     SpeedSettings,

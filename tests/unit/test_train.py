@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM
 
 import anyshape
 from anyshape import AnyshapeError, Shape
+from anyshape.model.adapters import add_adapters, merged
 from anyshape.search.space import SearchSpace
-from anyshape.train.adapters import add_adapters, merged
+from anyshape.train.controller import ControllerFactory
 from anyshape.train.distill import KD_LOSSES, LossBalancer, distillation_loss
-from anyshape.train.elastic import iterate_metrics, learning_rate_factor, train
+from anyshape.train.loop import learning_rate_factor, train
+from anyshape.train.run import iterate_metrics
 from anyshape.train.sampling import ShapeSampler, parameter_bins
 from anyshape.train.settings import TrainSettings
 
@@ -140,20 +142,22 @@ def test_in_place_distillation_improves_the_students(settings):
         assert evaluations[1][slot] < 0.8 * evaluations[0][slot], f"{slot}: {evaluations}"
 
 
-def train_interrupted_and_resumed(settings: TrainSettings, interrupt_after: int) -> TrainSettings:
+def train_interrupted_and_resumed(
+    settings: TrainSettings, interrupt_after: int, controller: ControllerFactory | None = None
+) -> TrainSettings:
     """Trains `settings` uninterrupted into OUT-reference (returned), and into OUT interrupted by
     Ctrl-C after step `interrupt_after` (checking that the interrupt saved that step), then resumed."""
     reference = replace(settings, out=settings.out + "-reference")
-    train(reference)
+    train(reference, controller=controller)
 
     def interrupt(step: int) -> None:
         if step == interrupt_after:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(settings, on_step=interrupt)
+        train(settings, on_step=interrupt, controller=controller)
     assert json.loads((Path(settings.out) / "checkpoint" / "state.json").read_text())["step"] == interrupt_after
-    train(settings, resume=True)
+    train(settings, resume=True, controller=controller)
     return reference
 
 
@@ -191,13 +195,15 @@ def test_trained_run_extracts_to_a_plain_hf_model(settings, adapter, tmp_path):
         assert (model(INPUT_IDS, shape) - parent(INPUT_IDS, shape)).abs().max() > 1e-4, "training changed nothing"
 
 
-def _train_as_rank(rank: int, world_size: int, port: int, settings: TrainSettings) -> None:
+def _train_as_rank(
+    rank: int, world_size: int, port: int, settings: TrainSettings, controller: ControllerFactory | None
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )  # fmt: skip
     torch.set_num_threads(1)
-    train(settings)
+    train(settings, controller=controller)
 
 
 def free_port() -> int:
@@ -206,11 +212,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train_in_one_and_two_processes(settings: TrainSettings) -> TrainSettings:
+def train_in_one_and_two_processes(
+    settings: TrainSettings, controller: ControllerFactory | None = None
+) -> TrainSettings:
     """Trains `settings` in 2 processes (gloo) into OUT, and in 1 into OUT-single (returned)."""
     single = replace(settings, out=settings.out + "-single")
-    train(single)
-    torch.multiprocessing.spawn(_train_as_rank, args=(2, free_port(), settings), nprocs=2)
+    train(single, controller=controller)
+    torch.multiprocessing.spawn(_train_as_rank, args=(2, free_port(), settings, controller), nprocs=2)
     return single
 
 
@@ -224,18 +232,18 @@ def test_two_processes_train_the_same_weights_as_one(settings, distributed, adap
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeypatch):
-    import anyshape.train.elastic as elastic
+    import anyshape.train.loop as loop
 
     poison = {"on": False}
-    lm_loss = elastic.lm_loss
+    next_token_nll = loop.next_token_nll
 
     def poisoned(logits, ids):
-        return lm_loss(logits, ids) * (math.nan if poison["on"] else 1.0)
+        return next_token_nll(logits, ids) * (math.nan if poison["on"] else 1.0)
 
     def after(step: int) -> None:
         poison["on"] = step == 1  # step 2's losses are NaN
 
-    monkeypatch.setattr(elastic, "lm_loss", poisoned)
+    monkeypatch.setattr(loop, "next_token_nll", poisoned)
     said = []
     train(replace(settings, steps=3, kd="none"), log=said.append, on_step=after)
     history = [record for record in iterate_metrics(Path(settings.out)) if "loss" in record]

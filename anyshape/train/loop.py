@@ -15,66 +15,46 @@ once per step.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import re
-import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from anyshape.data.text import default_text
+from anyshape.checkpoints import load, load_config, resolve
 from anyshape.errors import AnyshapeError
-from anyshape.evaluate.perplexity import mean_nll
-from anyshape.files import atomic_files, clear_leftovers
+from anyshape.files import clear_leftovers
+from anyshape.importance.scores import scores_beside
 from anyshape.memory import RUNTIME_BYTES, available_memory, check_memory, parse_size, training_memory
+from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
-from anyshape.model.load import load, load_config, load_tokenizer
+from anyshape.model.nll import mean_nll, next_token_nll
+from anyshape.search.space import SearchSpace
 from anyshape.shape import Shape
-from anyshape.train.adapters import add_adapters
-from anyshape.train.checkpoint import CHECKPOINT, STATE, load_checkpoint, save_checkpoint
-from anyshape.train.controllers import Controller, Student, controller
-from anyshape.train.data import Batches, TrainingData, build_training_data, pack, shard, split, tokenize_documents
-from anyshape.train.distill import LossBalancer, distillation_loss, lm_loss
-from anyshape.train.domains import (
-    DomainMixture,
-    build_domain_data,
-    held_out_losses,
-    parse_domains,
-    read_reference_losses,
-    reference_losses_from_model,
+from anyshape.train.checkpoint import CHECKPOINT, STATE, add_trainable_modules, load_checkpoint, save_checkpoint
+from anyshape.train.controller import Controller, ControllerFactory, Student
+from anyshape.train.data import Batches, shard
+from anyshape.train.distill import LossBalancer, distillation_loss
+from anyshape.train.distributed import (
+    Distributed,
+    average_over_processes,
+    barrier,
+    device_for,
+    mean_over_processes,
+    no_sync,
+    process_group,
+    wrap,
 )
-from anyshape.train.modulation import add_modulation
+from anyshape.train.domains import DomainMixture
+from anyshape.train.inputs import domain_losses, domain_mixture, mixed_held_out, reference_losses, training_data
+from anyshape.train.run import check_destination, drop_later_metrics, log_metrics, start_run
 from anyshape.train.sampling import ShapeSampler
-from anyshape.train.settings import RUN_FILE, TrainSettings, read_settings
-
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> Distributed:
-        return cls(
-            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+from anyshape.train.settings import TrainSettings
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -85,6 +65,14 @@ def learning_rate_factor(step: int, warmup: int, total: int, floor: float) -> fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def training_space(settings: TrainSettings, config: LlamaFamilyConfig) -> SearchSpace:
+    """The Shapes training covers: the grid of `fractions`, depth keeping the best layers by the
+    scores beside the model when there are some, else the first ones."""
+    scores = scores_beside(resolve(settings.model), config)
+    ranking = scores.layers.argsort(descending=True, stable=True).tolist() if scores is not None else None
+    return SearchSpace.from_fractions(config, settings.fractions, ranking, settings.align)
+
+
 def train(
     settings: TrainSettings,
     resume: bool = False,
@@ -92,23 +80,24 @@ def train(
     log: Callable[[str], None] = lambda message: None,
     progress: bool = False,
     on_step: Callable[[int], None] | None = None,
+    controller: ControllerFactory | None = None,
 ) -> dict[str, Any]:
     """Runs (or, with `resume`, continues) the training that `settings` describe in
     `settings.out`; returns the last logged metrics. `on_step(step)` runs after each finished
-    optimizer step (steps count from 1). A KeyboardInterrupt saves a checkpoint of the last
-    finished step before it propagates."""
+    optimizer step (steps count from 1). `controller` makes the learned students of settings
+    that have them (`anyshape.router.control.RouterControl` for `router`,
+    `anyshape.prune.control.PruningControl` for `prune_target`); without one the sampler
+    chooses them. A KeyboardInterrupt saves a checkpoint of the last finished step before it
+    propagates."""
     settings.check()
+    learned = "router" if settings.router else "prune_target" if settings.prune_target is not None else None
+    if learned is not None and controller is None:
+        raise AnyshapeError(f"settings with {learned} learn their students: pass the controller that learns them")
     run = Path(settings.out)
     world = Distributed.from_environment()
-    device = _device(world)
-    owns_group = world.enabled and not torch.distributed.is_initialized()
-    if owns_group:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _train(settings, run, world, device, resume, overwrite, log, progress, on_step)
-    finally:
-        if owns_group:
-            torch.distributed.destroy_process_group()
+    device = device_for(world)
+    with process_group(world, device):
+        return _train(settings, run, world, device, resume, overwrite, log, progress, on_step, controller)
 
 
 def _train(
@@ -121,8 +110,9 @@ def _train(
     log: Callable[[str], None],
     progress: bool,
     on_step: Callable[[int], None] | None,
+    controller: ControllerFactory | None,
 ) -> dict[str, Any]:
-    _check_run(run, settings, resume, overwrite)
+    check_destination(run, settings, resume, overwrite)
     torch.manual_seed(settings.seed)  # the adapters' initialisation
 
     micro_batch = settings.batch_size // settings.grad_accum
@@ -133,23 +123,23 @@ def _train(
         )
     context = load_config(settings.model).hf.max_position_embeddings
     if settings.domains is not None:  # bad data fails fast, before the model loads
-        mixture = _domain_mixture(settings, context, micro_batch)
-        batches, val = mixture, _mixed_held_out(mixture, settings.val_batches * settings.batch_size)
+        mixture = domain_mixture(settings, context, micro_batch)
+        batches, val = mixture, mixed_held_out(mixture, settings.val_batches * settings.batch_size)
     else:
-        data = _training_data(settings, context)
+        data = training_data(settings, context)
         mixture, batches, val = None, Batches(data.train, micro_batch, settings.seed), data.val
     model = load(settings.model).to(device)
-    space = settings.space(model.config)
+    space = training_space(settings, model.config)
     sampler = ShapeSampler(
         space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
         settings.seed,
     )  # fmt: skip
     add_trainable_modules(model, settings)
-    control = controller(settings, space, model.config, device)
+    control = controller(settings, space, device) if controller is not None else None
     _check_memory(model, settings, micro_batch // world.world_size, device)
     companions = control.companions if control is not None else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    wrapped = _wrap(model, device, world, settings) if trainable else model
+    wrapped = wrap(model, device, world, settings.distributed, settings.adapter != "full") if trainable else model
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = (
         torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -167,15 +157,15 @@ def _train(
         )
     balancer = LossBalancer()
     autocast = _autocast(settings.precision, device)
-    reference = _reference_losses(settings, mixture, autocast, device) if settings.dynamic_batch else None
+    reference = reference_losses(settings, mixture, autocast, device) if settings.dynamic_batch else None
 
-    _barrier(world)  # every process has checked its inputs before rank 0 writes
+    barrier(world)  # every process has checked its inputs before rank 0 writes
     if world.rank == 0:
         if resume:  # a save killed between its two renames left the checkpoint aside: put it back
             clear_leftovers(run / CHECKPOINT)
         if not resume or not (run / CHECKPOINT / STATE).is_file():
-            _start_run(run, settings)  # only now: bad input leaves no run folder behind
-    _barrier(world)
+            start_run(run, settings)  # only now: bad input leaves no run folder behind
+    barrier(world)
     if resume and not (run / CHECKPOINT / STATE).is_file():
         log(f"{run} was stopped before its first checkpoint; starting it again from step 0")
         resume = False
@@ -184,7 +174,7 @@ def _train(
         state = load_checkpoint(run, wrapped, optimizer, companions)
         step = state["step"]
         if world.rank == 0:
-            _drop_later_metrics(run, step)
+            drop_later_metrics(run, step)
         for schedule, schedule_state in zip(schedules, state["schedules"], strict=True):
             schedule.load_state_dict(schedule_state)
         balancer.load_state_dict(state["balancer"])
@@ -208,19 +198,19 @@ def _train(
         return _validate(model, val, _validation_shapes(sampler, control), settings, autocast)
 
     if step == 0:  # the zero-shot baseline every later evaluation compares with
-        _log_metrics(run, world, {"step": 0, "val_ppl": validate()})
+        log_metrics(run, world, {"step": 0, "val_ppl": validate()})
     try:
         while step < settings.steps:
             started = time.perf_counter()
             teacher, students = _students(sampler, control, step)
             largest = teacher[1]
-            largest_learns = bool(trainable) and settings.prune_target is None  # pruning trains the masked model
+            largest_learns = bool(trainable) and (control is None or control.largest_learns)
             losses, seconds = _step(
                 wrapped, teacher, students, batches, step, settings, world, device, autocast, balancer, largest_learns
             )  # fmt: skip
             norms = [_clip(trainable, settings.max_grad_norm)]
             for module, _ in companions.values():
-                _average_over_processes(module, world)
+                average_over_processes(module, world)
                 norms.append(_clip(list(module.parameters()), settings.max_grad_norm))
             norm, problem = norms[0], _nonfinite(losses, norms)
             skipped = problem is not None
@@ -264,13 +254,13 @@ def _train(
                 metrics.update(control.metrics(step))
             if settings.dynamic_batch and step % settings.domain_update_every == 0:
                 shape = control.trained_shape(largest) if control is not None else largest
-                held_out = _domain_losses(model, mixture, shape, settings, world, autocast)
+                held_out = domain_losses(model, mixture, shape, settings, world, autocast)
                 weights = mixture.update(held_out, reference, batch=step * settings.grad_accum)
                 metrics["domains"] = {"loss": held_out, "reference": reference, "weights": weights}
             if step % settings.eval_every == 0 or step == settings.steps:
                 metrics["val_ppl"] = validate()
             if step % settings.log_every == 0 or "val_ppl" in metrics:
-                _log_metrics(run, world, metrics)
+                log_metrics(run, world, metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({slot: f"{value:.3g}" for slot, value in losses.items()})
@@ -323,7 +313,7 @@ def _step(
         ids = shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size).to(device)
         with torch.no_grad(), autocast():
             teacher = model(ids, shape=largest)  # (b, S, V)
-        teacher_value = _mean_over_processes(lm_loss(teacher, ids), world)
+        teacher_value = mean_over_processes(next_token_nll(teacher, ids), world)
         if settings.balance_losses:
             balancer.update(teacher_slot, teacher_value)  # the reference: updated first
         if not largest_learns:
@@ -333,13 +323,13 @@ def _step(
         for index, student in enumerate(micro_students):
             started = time.perf_counter()
             synchronise = last and not largest_learns and index == len(micro_students) - 1
-            with contextlib.nullcontext() if synchronise else _no_sync(model), autocast():
+            with contextlib.nullcontext() if synchronise else no_sync(model), autocast():
                 logits = model(ids, shape=student.shape)
                 if settings.kd == "none":
-                    loss = lm_loss(logits, ids)
+                    loss = next_token_nll(logits, ids)
                 else:
                     loss = distillation_loss(settings.kd, logits, teacher)
-                value = _mean_over_processes(loss.detach(), world)
+                value = mean_over_processes(loss.detach(), world)
                 if settings.balance_losses:
                     balancer.update(student.slot, value)
                 scale = balancer.scale(student.slot) if settings.balance_losses else 1.0
@@ -349,10 +339,10 @@ def _step(
         if not largest_learns:
             continue
         started = time.perf_counter()
-        with contextlib.nullcontext() if last else _no_sync(model), autocast():
-            loss = lm_loss(model(ids, shape=largest), ids)
+        with contextlib.nullcontext() if last else no_sync(model), autocast():
+            loss = next_token_nll(model(ids, shape=largest), ids)
             (loss / settings.grad_accum).backward()
-        losses[teacher_slot] += _mean_over_processes(loss.detach(), world) / settings.grad_accum
+        losses[teacher_slot] += mean_over_processes(loss.detach(), world) / settings.grad_accum
         seconds[teacher_slot] += _synchronized(started, device)
     return losses, seconds
 
@@ -392,186 +382,6 @@ def _validate(
     return result
 
 
-def _log_metrics(run: Path, world: Distributed, metrics: dict[str, Any]) -> None:
-    if world.rank == 0:
-        with (run / METRICS).open("a") as file:
-            file.write(json.dumps(metrics) + "\n")
-
-
-def _check_run(run: Path, settings: TrainSettings, resume: bool, overwrite: bool) -> None:
-    """Raises AnyshapeError unless RUN can be resumed with `settings` (`resume`), or a new run
-    can start there: RUN absent or empty, or `overwrite`."""
-    record_path = run / RUN_FILE
-    if resume:
-        if not record_path.is_file():
-            raise AnyshapeError(f"{run} is not a run folder (no {RUN_FILE}); start a new run without --resume")
-        differences = read_settings(run).differences(settings)
-        if differences:
-            raise AnyshapeError(
-                f"{run} was started with other settings ({'; '.join(differences)}); resume with the same "
-                "settings, or start a new run in another --out"
-            )
-    elif run.exists() and any(run.iterdir()) and not overwrite:
-        hint = f"continue it with --resume {run}, or " if record_path.is_file() else ""
-        raise AnyshapeError(f"{run} already exists and is not empty; {hint}choose another --out or pass --overwrite")
-
-
-def _start_run(run: Path, settings: TrainSettings) -> None:
-    """Writes RUN/train.json (atomically), replacing what an earlier run left there."""
-    clear_leftovers(run / CHECKPOINT)
-    shutil.rmtree(run / CHECKPOINT, ignore_errors=True)
-    (run / METRICS).unlink(missing_ok=True)
-    with atomic_files([run / RUN_FILE], overwrite=True) as (path,):
-        path.write_text(json.dumps({"settings": settings.to_dict()}, indent=1))
-
-
-def _drop_later_metrics(run: Path, step: int) -> None:
-    """Keeps RUN/metrics.jsonl up to `step`, the checkpoint's: a run killed after it logged the
-    steps that the resumed run logs again, and maybe half a line."""
-    path = run / METRICS
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] > step:
-                break
-        except json.JSONDecodeError:  # the line a kill cut short
-            break
-        kept.append(line + "\n")
-    with atomic_files([path], overwrite=True) as (tmp,):
-        tmp.write_text("".join(kept))
-
-
-def _barrier(world: Distributed) -> None:
-    if world.enabled:
-        torch.distributed.barrier()
-
-
-def _domain_mixture(settings: TrainSettings, context: int, micro_batch: int) -> DomainMixture:
-    """The --domains sources, tokenised once, packed and split, mixed by their token counts."""
-    _check_context(settings, context)
-    data = build_domain_data(
-        load_tokenizer(settings.model), parse_domains(settings.domains), settings.seq_len, _token_cache(),
-        settings.val_fraction, settings.seed,
-    )  # fmt: skip
-    return DomainMixture(data, micro_batch, settings.seed)
-
-
-def _mixed_held_out(mixture: DomainMixture, rows: int) -> Tensor:
-    """(rows, S) held-out sequences for the perplexity log, an equal share from every domain."""
-    share = -(-rows // len(mixture.names))
-    return torch.cat([data.val[:share] for data in mixture.data.values()])[:rows]
-
-
-def _reference_losses(
-    settings: TrainSettings, mixture: DomainMixture, autocast, device: torch.device
-) -> dict[str, float]:
-    """Each domain's reference loss: from the --reference-losses file, or the held-out losses of
-    the --reference-model (the same held-out sequences every update measures)."""
-    if settings.reference_losses is not None:
-        return read_reference_losses(settings.reference_losses, mixture.names)
-    with autocast():
-        reference = load(settings.reference_model).to(device)
-        return reference_losses_from_model(reference, mixture, settings.batch_size, _held_out_rows(settings))
-
-
-def _domain_losses(
-    model: nn.Module, mixture: DomainMixture, shape: Shape, settings: TrainSettings, world: Distributed, autocast
-) -> dict[str, float]:
-    """Held-out loss per domain of `shape`, rank 0's in every process (so all mix alike)."""
-    with autocast():
-        losses = held_out_losses(model, mixture, shape, settings.batch_size, _held_out_rows(settings))
-    if world.enabled:
-        shared = [losses]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        losses = shared[0]
-    return losses
-
-
-def _held_out_rows(settings: TrainSettings) -> int:
-    return settings.val_batches * settings.batch_size
-
-
-def _check_context(settings: TrainSettings, context: int) -> None:
-    if settings.seq_len > context:
-        raise AnyshapeError(
-            f"seq_len={settings.seq_len} is longer than the model's context of {context} tokens; "
-            f"choose --seq-len {context} or less"
-        )
-
-
-def _token_cache() -> Path:
-    return Path(os.environ.get("ANYSHAPE_CACHE", "~/.cache/anyshape")).expanduser() / "tokens"
-
-
-def _training_data(settings: TrainSettings, context: int) -> TrainingData:
-    """Packed training and held-out sequences of seq_len tokens, tokenised once into a cache."""
-    _check_context(settings, context)
-    tokenizer = load_tokenizer(settings.model)
-    cache = _token_cache()
-    if settings.data is None:
-        ids = tokenize_documents(tokenizer, [default_text()])
-        return split(pack(ids, settings.seq_len), settings.val_fraction, settings.seed)
-    return build_training_data(
-        tokenizer, settings.data, settings.seq_len, cache, settings.val_data, settings.val_fraction, settings.seed
-    )
-
-
-def _device(world: Distributed) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank)
-        return torch.device("cuda", world.local_rank)
-    return torch.device("cpu")
-
-
-def _wrap(model: ElasticLlama, device: torch.device, world: Distributed, settings: TrainSettings) -> nn.Module:
-    """The model as this run trains it: itself in one process; in a distributed run, DDP (finding
-    unused parameters where adapters may leave some without a gradient) or FSDP, sharded per
-    decoder layer and at the root (embeddings, final norm, LM head)."""
-    if not world.enabled:
-        return model
-    if settings.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=settings.adapter != "full")
-
-
-@contextlib.contextmanager
-def _no_sync(model: nn.Module) -> Iterator[None]:
-    """Gradients accumulate locally, without the all-reduce (DDP) or reduce-scatter (FSDP)."""
-    if hasattr(model, "no_sync"):  # DDP
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def add_trainable_modules(model: ElasticLlama, settings: TrainSettings) -> None:
-    """Adds what `settings` train besides (or instead of) the weights: adapters, modulation;
-    with router_only the model's own weights are frozen, with all_weights every weight trains
-    (a compact shared model's stored weights too, not only its recovery)."""
-    if settings.all_weights:
-        model.requires_grad_(True)
-    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
-    if settings.router_only:
-        model.requires_grad_(False)
-    if settings.modulation:
-        add_modulation(model)
-
-
 def _check_memory(model: ElasticLlama, settings: TrainSettings, sequences: int, device: torch.device) -> None:
     """Refuses, before the first batch, a run whose estimated peak (anyshape.memory) exceeds
     --max-memory or, without it, what the loaded model holds plus what is still free."""
@@ -599,23 +409,6 @@ def _clip(parameters: list[Tensor], max_norm: float) -> Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
 
-def _average_over_processes(module: nn.Module, world: Distributed) -> None:
-    """Averages `module`'s gradients over the processes (the router: used outside DDP/FSDP)."""
-    if world.enabled:
-        for parameter in module.parameters():
-            if parameter.grad is not None:
-                torch.distributed.all_reduce(parameter.grad)
-                parameter.grad /= world.world_size
-
-
-def _mean_over_processes(value: Tensor, world: Distributed) -> float:
-    if world.enabled:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= world.world_size
-    return value.item()
-
-
 def _synchronized(started: float, device: torch.device) -> float:
     """Seconds since `started`, after the device has finished its queued work."""
     if device.type == "cuda":
@@ -636,11 +429,3 @@ def _progress(enabled: bool, total: int, done: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=done, desc="train", unit="step")
-
-
-def iterate_metrics(run: Path) -> Iterator[dict[str, Any]]:
-    """The run's logged metrics, one dict per line of RUN/metrics.jsonl."""
-    path = run / METRICS
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            yield json.loads(line)

@@ -39,10 +39,10 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from anyshape.checkpoints import load, load_config, load_tokenizer, resolve
 from anyshape.errors import AnyshapeError, CheckpointError
 from anyshape.export.gguf import OUTTYPES, export_gguf
 from anyshape.export.hf import export_hf
-from anyshape.model.load import load, load_config, load_tokenizer, resolve
 from anyshape.runtime.generate import Decoder
 from anyshape.shape import Shape
 

@@ -8,7 +8,7 @@ Per model, measured on that model as it is stored (a member's folder, the parent
                  (its `.gguf` file, or its folder's `*.safetensors`)
     perplexity   `evaluate.perplexity`'s protocol (as `anyshape evaluate --ppl`) on one text
     tasks        zero-shot lm-eval metrics with standard errors (`evaluate.harness`), if asked
-    speed        prefill and decode tokens/s and peak memory per runtime (`evaluate.speed`), if asked
+    speed        prefill and decode tokens/s and peak memory per runtime (`deploy.speed`), if asked
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from anyshape import __version__
+from anyshape.checkpoints import load, load_config, load_tokenizer, resolve
 from anyshape.compress.report import describe
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
-from anyshape.errors import AnyshapeError, CheckpointError
-from anyshape.evaluate.harness import BATCH_SIZE, TaskScore, evaluate_tasks, find_tasks
-from anyshape.evaluate.perplexity import MAX_TOKENS, PerplexityResult, perplexity, tokenize
-from anyshape.evaluate.speed import (
+from anyshape.deploy.speed import (
     FAMILY_SUMMARY,
     RUNTIMES,
     Skipped,
@@ -37,9 +34,12 @@ from anyshape.evaluate.speed import (
     benchmark,
     family_members,
 )
+from anyshape.errors import AnyshapeError, CheckpointError
+from anyshape.evaluate.harness import BATCH_SIZE, TaskScore, evaluate_tasks, find_tasks
+from anyshape.evaluate.perplexity import MAX_TOKENS, PerplexityResult, perplexity, tokenize
 from anyshape.files import atomic_files
-from anyshape.model.load import load, load_config, load_tokenizer, resolve
 from anyshape.shape import Shape
+from anyshape.version import __version__
 
 DEFAULT_NAME = "deploy-report.md"  # written inside the family folder unless told otherwise
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")  # not accuracies

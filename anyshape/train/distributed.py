@@ -1,0 +1,110 @@
+"""This process's place in a torchrun launch, and what a distributed run does differently:
+the process group, DDP or FSDP wrapping, gradient synchronisation, averages over processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from anyshape.model.llama import ElasticLlama
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+@contextlib.contextmanager
+def process_group(world: Distributed, device: torch.device) -> Iterator[None]:
+    """Within this block a distributed launch has its process group (NCCL on CUDA, else gloo),
+    unless the caller already made one."""
+    owns_group = world.enabled and not torch.distributed.is_initialized()
+    if owns_group:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def device_for(world: Distributed) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def wrap(model: ElasticLlama, device: torch.device, world: Distributed, strategy: str, adapters: bool) -> nn.Module:
+    """The model as this run trains it: itself in one process; in a distributed run, DDP (finding
+    unused parameters where adapters may leave some without a gradient) or FSDP, sharded per
+    decoder layer and at the root (embeddings, final norm, LM head)."""
+    if not world.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=adapters)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Gradients accumulate locally, without the all-reduce (DDP) or reduce-scatter (FSDP)."""
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def barrier(world: Distributed) -> None:
+    if world.enabled:
+        torch.distributed.barrier()
+
+
+def average_over_processes(module: nn.Module, world: Distributed) -> None:
+    """Averages `module`'s gradients over the processes (the router: used outside DDP/FSDP)."""
+    if world.enabled:
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world.world_size
+
+
+def mean_over_processes(value: Tensor, world: Distributed) -> float:
+    if world.enabled:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world.world_size
+    return value.item()

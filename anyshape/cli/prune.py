@@ -77,7 +77,7 @@ def prune_command(
     overwrite: Annotated[bool, typer.Option(help="Start over in an OUT that holds another run.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prune MODEL to an exact target architecture (Sheared LLaMA, METHODS.md section 6).
+    """Prune MODEL to an exact target architecture (Sheared LLaMA, docs/methods.md).
 
     Hard-concrete masks on layers, hidden channels, KV groups, query heads and MLP neurons learn
     together with the model (next-token loss of the masked model) while a Lagrangian, whose

@@ -7,7 +7,7 @@ Protocol (fixed and recorded with every result):
      earlier window scored, except its own first token, which has no context there.
   3. Perplexity = exp(mean negative log-likelihood over the scored tokens), in nats, fp32.
 Defaults: window 512, stride 512, 32,768 tokens: 64 disjoint windows, 32,704 scored tokens,
-the project's WikiText-2 benchmark protocol (../shared/data/wikitext-2/README.md). A stride
+the WikiText-2 benchmark protocol of docs/evaluate.md. A stride
 below the window scores every token after the first, each with at least `window - stride`
 tokens of context, at proportionally more cost.
 """

@@ -141,8 +141,9 @@ def _train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = wrap(model, device, world, settings.distributed, settings.adapter != "full") if trainable else model
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
+    fused = device.type == "cuda" and not (world.enabled and settings.distributed == "fsdp")  # one kernel per step
     optimizer = (
-        torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=fused)
         if trainable
         else None  # router_only: the model is frozen
     )
@@ -311,15 +312,17 @@ def _step(
     seconds: dict[str, float] = {teacher_slot: 0.0}
     for micro in range(settings.grad_accum):
         ids = shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size).to(device)
-        with torch.no_grad(), autocast():
-            teacher = model(ids, shape=largest)  # (b, S, V)
-        teacher_value = mean_over_processes(next_token_nll(teacher, ids), world)
-        if settings.balance_losses:
-            balancer.update(teacher_slot, teacher_value)  # the reference: updated first
-        if not largest_learns:
-            losses[teacher_slot] += teacher_value / settings.grad_accum
-        last = micro == settings.grad_accum - 1
         micro_students = students(micro)
+        teacher = None  # the largest Shape's logits (b, S, V): computed only when something reads them
+        if not largest_learns or (micro_students and (settings.kd != "none" or settings.balance_losses)):
+            with torch.no_grad(), autocast():
+                teacher = model(ids, shape=largest)
+            teacher_value = mean_over_processes(next_token_nll(teacher, ids), world)
+            if settings.balance_losses:
+                balancer.update(teacher_slot, teacher_value)  # the reference: updated first
+            if not largest_learns:
+                losses[teacher_slot] += teacher_value / settings.grad_accum
+        last = micro == settings.grad_accum - 1
         for index, student in enumerate(micro_students):
             started = time.perf_counter()
             synchronise = last and not largest_learns and index == len(micro_students) - 1

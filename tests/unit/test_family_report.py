@@ -12,9 +12,9 @@ import pytest
 import anyshape
 from anyshape import Shape, export_hf
 from anyshape.cli import report as report_command
+from anyshape.deploy import report as report_module
 from anyshape.deploy.report import ReportSettings, family_report, write_family_report
 from anyshape.deploy.speed import SpeedSettings
-from anyshape.deploy import report as report_module
 from anyshape.evaluate.harness import evaluate_tasks
 from anyshape.evaluate.perplexity import perplexity, tokenize
 from tests.conftest import byte_tokenizer

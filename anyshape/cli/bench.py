@@ -14,7 +14,8 @@ import torch
 import typer
 
 from anyshape.checkpoints import load_config
-from anyshape.cli.app import JsonOpt, ShapeOpt, app
+from anyshape.cli.app import app
+from anyshape.cli.options import JsonOpt, ShapeOpt
 from anyshape.deploy.speed import (
     RUNTIMES,
     Rate,

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
-from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
-from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import IncludePathOpt, JsonOpt, LimitOpt, ModelArg, ShapeOpt, TaskBatchSizeOpt, TasksOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
 from anyshape.evaluate import harness
 from anyshape.evaluate import perplexity as ppl_protocol
@@ -50,7 +50,7 @@ def evaluate(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     limit: LimitOpt = None,
-    batch_size: BatchSizeOpt = harness.BATCH_SIZE,
+    batch_size: TaskBatchSizeOpt = harness.BATCH_SIZE,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate MODEL (or SHAPE of it): perplexity by a sliding window over a text, and

@@ -12,6 +12,7 @@ from anyshape.cli.app import app, emit
 from anyshape.cli.options import AlignOpt, DataOpt, JsonOpt, ModelArg, SeedOpt, out_option, overwrite_option
 from anyshape.compress.pipeline import CompressSettings, compress
 from anyshape.compress.report import describe
+from anyshape.extras import require
 from anyshape.search.space import parse_fractions
 
 DEFAULTS = CompressSettings()
@@ -93,6 +94,9 @@ def compress_command(
         raise typer.BadParameter(
             f"{budgets!r} must be comma-separated fractions, e.g. 0.25,0.5", param_hint="--budgets"
         ) from None
+    if algorithm == "nsga2":
+        require("optuna", "anyshape compress --algorithm nsga2")
+    require("matplotlib", "anyshape compress")  # OUT/pareto.png
     settings = CompressSettings(
         budgets=budget_values,
         budget_basis=budget_basis,

@@ -7,15 +7,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
-import gguf
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.cli.app import app, emit
 from anyshape.cli.extract import check_out
 from anyshape.cli.options import ForceOpt, JsonOpt, ModelArg, OverwriteOpt, ShapeOpt, out_option, overwriting
-from anyshape.export.gguf import OUTTYPES, export_gguf
 from anyshape.export.hf import export_hf
+from anyshape.extras import require
 from anyshape.shape import Shape
 
 FORMATS = ("gguf", "hf")
@@ -51,7 +50,11 @@ def export(
     overwrite = overwriting(overwrite, force)
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
-    outtypes = OUTTYPES if fmt == "gguf" else HF_DTYPES
+    outtypes = HF_DTYPES
+    if fmt == "gguf":
+        gguf = require("gguf", "anyshape export --format gguf")
+        from anyshape.export.gguf import OUTTYPES as outtypes
+        from anyshape.export.gguf import export_gguf
     if outtype not in outtypes:
         raise typer.BadParameter(
             f"{outtype!r} is not one of {', '.join(outtypes)} (for --format {fmt})", param_hint="--outtype"

@@ -31,8 +31,9 @@ from anyshape.deploy.report import (
     write_family_report,
 )
 from anyshape.deploy.speed import RUNTIMES, SpeedSettings
-from anyshape.evaluate import harness
+from anyshape.evaluate import BATCH_SIZE
 from anyshape.evaluate.perplexity import MAX_TOKENS
+from anyshape.extras import require
 
 _SPEED = SpeedSettings()
 
@@ -46,7 +47,7 @@ def report(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     limit: LimitOpt = None,
-    batch_size: TaskBatchSizeOpt = harness.BATCH_SIZE,
+    batch_size: TaskBatchSizeOpt = BATCH_SIZE,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -92,6 +93,9 @@ def report(
     chosen_runtimes = tuple(name.strip() for name in runtimes.split(",") if name.strip())
     if not chosen_runtimes or not set(chosen_runtimes) <= set(RUNTIMES):
         raise typer.BadParameter(f"{runtimes!r}: choose one or more of {', '.join(RUNTIMES)}", param_hint="--runtimes")
+    require("matplotlib", "anyshape report")  # its plots; checked before the long measurements
+    if task_names:
+        require("lm_eval", "anyshape report --tasks")
     overwrite = overwriting(overwrite, force)
     out = out or family / DEFAULT_NAME
     _check_out(out, overwrite)

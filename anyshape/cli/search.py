@@ -13,6 +13,7 @@ from anyshape.cli.app import app, emit
 from anyshape.cli.calibration import read_calibration
 from anyshape.cli.options import AlignOpt, BatchSizeOpt, DataOpt, JsonOpt, ModelArg, SeedOpt, out_option
 from anyshape.compress.report import describe
+from anyshape.extras import require
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import Scores, scores_beside
 from anyshape.model.config import LlamaFamilyConfig
@@ -102,6 +103,9 @@ def search_command(
     costs, quality_name = parse_objectives(objectives)
     if algorithm not in ALGORITHMS:
         raise typer.BadParameter(f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}", param_hint="--algorithm")
+    if algorithm == "nsga2":
+        require("optuna", "anyshape search --algorithm nsga2")
+    require("matplotlib", "anyshape search")  # the plot beside OUT
     config = load_config(model)
     grid = parse_fractions(fractions)
     bounds: dict[str, tuple[float | None, float | None]] = {}

@@ -71,7 +71,10 @@ KINDS = (
 
 def kind_of(path: Path) -> FolderKind | None:
     """The kind of anyshape folder `path` is, or None for a Hugging Face folder or GGUF file."""
-    return next((kind for kind in KINDS if path.is_dir() and (path / kind.marker).is_file()), None)
+    try:
+        return next((kind for kind in KINDS if path.is_dir() and (path / kind.marker).is_file()), None)
+    except OSError:  # e.g. a name longer than the file system allows: `resolve` says it is not found
+        return None
 
 
 def resolve(ref: str | Path) -> Path:

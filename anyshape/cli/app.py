@@ -1,4 +1,5 @@
-"""The `anyshape` command's Typer app and what its commands share: common options, printing results."""
+"""The `anyshape` command's Typer app, its global options, and printing results (the shared options are in
+anyshape.cli.options)."""
 
 from __future__ import annotations
 
@@ -23,34 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="Hugging Face folder, .gguf file, 'smollm2-135m', or a run folder of `anyshape train`.",
-        metavar="MODEL",
-        show_default=False,
-    ),
-]
-ShapeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--shape",
-        help='Sub-network as inline JSON or a JSON file, e.g. \'{"layers": [0, 2], "hidden_size": 448}\'.',
-        metavar="SHAPE",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
-MaxMemoryOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Refuse to start training when the estimated peak memory of a step exceeds this (e.g. 8GiB); "
-        "default: what the loaded model holds plus what is free.",
-        metavar="SIZE",
-        show_default=False,
-    ),
-]
 
 
 @app.callback()

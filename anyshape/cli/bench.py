@@ -14,7 +14,8 @@ import torch
 import typer
 
 from anyshape.checkpoints import load_config
-from anyshape.cli.app import JsonOpt, ShapeOpt, app
+from anyshape.cli.app import app
+from anyshape.cli.options import JsonOpt, ShapeOpt
 from anyshape.deploy.speed import (
     RUNTIMES,
     Rate,
@@ -26,6 +27,7 @@ from anyshape.deploy.speed import (
     plot_speeds,
     write_csv,
 )
+from anyshape.extras import require
 from anyshape.shape import Shape
 
 
@@ -77,6 +79,8 @@ def bench(
     for option, path in (("--csv", csv), ("--plot", plot)):
         if path is not None and not path.parent.is_dir():
             raise typer.BadParameter(f"the folder of {path} does not exist; create it first", param_hint=option)
+    if plot is not None:
+        require("matplotlib", "anyshape bench --plot")
     settings = SpeedSettings(prompt_tokens, gen_tokens, repeats, warmup, threads or torch.get_num_threads(), gguf_type)
     if is_family(model):
         if shape is not None:

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
-from anyshape.cli.app import ModelArg, ShapeOpt, app
+from anyshape.cli.app import app
+from anyshape.cli.options import ModelArg, ShapeOpt
 from anyshape.runtime.chat import Chat
 from anyshape.runtime.generate import Sampling
 from anyshape.shape import Shape

@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
-from anyshape.cli.calibration import DataOpt, SeedOpt
-from anyshape.cli.search import AlignOpt
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import AlignOpt, DataOpt, JsonOpt, ModelArg, SeedOpt, out_option, overwrite_option
 from anyshape.compress.pipeline import CompressSettings, compress
 from anyshape.compress.report import describe
+from anyshape.extras import require
 from anyshape.search.space import parse_fractions
 
 DEFAULTS = CompressSettings()
@@ -21,7 +21,7 @@ DEFAULTS = CompressSettings()
 @app.command("compress")
 def compress_command(
     model: ModelArg,
-    out: Annotated[Path, typer.Option(help="Family folder (written when complete).")] = Path("family"),
+    out: out_option("Family folder (written when complete).") = Path("family"),
     budgets: Annotated[str, typer.Option(help="Parameter budgets, fractions of the parent.")] = "0.25,0.5,0.75",
     budget_basis: Annotated[
         str, typer.Option(help="total or non-embedding: which parameters the budgets count.")
@@ -69,7 +69,7 @@ def compress_command(
     ),
     dtype: Annotated[str, typer.Option(help="Exported weights: float32, bfloat16 or float16.")] = DEFAULTS.dtype,
     seed: SeedOpt = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it holds a family made with other settings.")] = False,
+    overwrite: overwrite_option("Replace OUT if it holds a family made with other settings.") = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compress MODEL into a family of smaller standard models, one per budget.
@@ -94,6 +94,9 @@ def compress_command(
         raise typer.BadParameter(
             f"{budgets!r} must be comma-separated fractions, e.g. 0.25,0.5", param_hint="--budgets"
         ) from None
+    if algorithm == "nsga2":
+        require("optuna", "anyshape compress --algorithm nsga2")
+    require("matplotlib", "anyshape compress")  # OUT/pareto.png
     settings = CompressSettings(
         budgets=budget_values,
         budget_basis=budget_basis,

@@ -4,17 +4,21 @@ tasks, of a model or of a Shape of it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
-from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
-from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import IncludePathOpt, JsonOpt, LimitOpt, ModelArg, ShapeOpt, TaskBatchSizeOpt, TasksOpt
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
-from anyshape.evaluate import harness
+from anyshape.evaluate import BATCH_SIZE
 from anyshape.evaluate import perplexity as ppl_protocol
+from anyshape.extras import require
 from anyshape.shape import Shape
+
+if TYPE_CHECKING:  # lm-eval is imported only for --tasks
+    from anyshape.evaluate.harness import TaskScore
 
 
 @app.command("evaluate")
@@ -50,7 +54,7 @@ def evaluate(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     limit: LimitOpt = None,
-    batch_size: BatchSizeOpt = harness.BATCH_SIZE,
+    batch_size: TaskBatchSizeOpt = BATCH_SIZE,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate MODEL (or SHAPE of it): perplexity by a sliding window over a text, and
@@ -87,6 +91,9 @@ def evaluate(
             f"skipped; pass a --stride of at most {window} or a larger --window",
             param_hint="--stride",
         )
+    if task_names is not None:
+        require("lm_eval", "anyshape evaluate --tasks")
+        from anyshape.evaluate import harness
     # Everything that can fail fast does so before the slow load.
     chosen = Shape.parse(shape, load_config(model)) if shape is not None else None
     tokenizer = load_tokenizer(model)
@@ -115,7 +122,7 @@ def evaluate(
 app.command("eval", hidden=True)(evaluate)  # the command's former name
 
 
-def _print_table(scores: list[harness.TaskScore]) -> None:
+def _print_table(scores: list[TaskScore]) -> None:
     """One aligned row per metric: task, metric, value, standard error."""
     rows = [("task", "metric", "value", "stderr")]
     rows += [(s.task, s.metric, _number(s.value), "-" if s.stderr is None else _number(s.stderr)) for s in scores]

@@ -7,14 +7,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
-import gguf
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
-from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
+from anyshape.cli.app import app, emit
 from anyshape.cli.extract import check_out
-from anyshape.export.gguf import OUTTYPES, export_gguf
+from anyshape.cli.options import ForceOpt, JsonOpt, ModelArg, OverwriteOpt, ShapeOpt, out_option, overwriting
 from anyshape.export.hf import export_hf
+from anyshape.extras import require
 from anyshape.shape import Shape
 
 FORMATS = ("gguf", "hf")
@@ -24,12 +24,7 @@ HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # --format
 @app.command()
 def export(
     model: ModelArg,
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="Output: a .gguf file (--format gguf) or a folder (--format hf).", metavar="OUT", show_default=False
-        ),
-    ],
+    out: out_option("Output: a .gguf file (--format gguf) or a folder (--format hf).", metavar="OUT"),
     shape: ShapeOpt = None,
     fmt: Annotated[
         str, typer.Option("--format", help="gguf (llama.cpp) or hf (Hugging Face folder).", metavar="FORMAT")
@@ -37,7 +32,8 @@ def export(
     outtype: Annotated[
         str, typer.Option(help="Weight type: f32, f16, bf16, or q8_0 (gguf only); norms stay f32.", metavar="OUTTYPE")
     ] = "f16",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export SHAPE of MODEL (default: all of it) to OUT, written atomically.
@@ -51,22 +47,27 @@ def export(
     """
     import torch
 
+    overwrite = overwriting(overwrite, force)
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format")
-    outtypes = OUTTYPES if fmt == "gguf" else HF_DTYPES
+    outtypes = HF_DTYPES
+    if fmt == "gguf":
+        gguf = require("gguf", "anyshape export --format gguf")
+        from anyshape.export.gguf import OUTTYPES as outtypes
+        from anyshape.export.gguf import export_gguf
     if outtype not in outtypes:
         raise typer.BadParameter(
             f"{outtype!r} is not one of {', '.join(outtypes)} (for --format {fmt})", param_hint="--outtype"
         )
-    _check_target(out, fmt, force)  # everything that can fail fast does so before the slow load
+    _check_target(out, fmt, overwrite)  # everything that can fail fast does so before the slow load
     config = load_config(model)
     chosen = Shape.parse(shape, config) if shape is not None else Shape.full(config)
     tokenizer = load_tokenizer(model)
     if fmt == "gguf":
-        export_gguf(load(model), chosen, out, tokenizer, outtype=outtype, parent=model, overwrite=force)
+        export_gguf(load(model), chosen, out, tokenizer, outtype=outtype, parent=model, overwrite=overwrite)
     else:
         elastic = load(model, dtype=getattr(torch, HF_DTYPES[outtype]))
-        export_hf(elastic, chosen, out, tokenizer=tokenizer, parent=model, overwrite=force)
+        export_hf(elastic, chosen, out, tokenizer=tokenizer, parent=model, overwrite=overwrite)
     record = {
         "out": str(out),
         "format": fmt,
@@ -89,9 +90,9 @@ def export(
     emit(record, as_json)
 
 
-def _check_target(out: Path, fmt: str, force: bool) -> None:
+def _check_target(out: Path, fmt: str, overwrite: bool) -> None:
     """Raises BadParameter unless OUT can be written: of the format's kind (a .gguf file or a
-    folder), absent (or replaced with --force), under a writable folder."""
+    folder), absent (or replaced with --overwrite), under a writable folder."""
     if fmt == "gguf" and out.suffix != ".gguf":
         raise typer.BadParameter(
             f"{out}: a GGUF file's name must end in .gguf, e.g. {out.with_suffix('.gguf')}", param_hint="--out"
@@ -100,7 +101,7 @@ def _check_target(out: Path, fmt: str, force: bool) -> None:
         raise typer.BadParameter(
             f"{out} is a folder; --format gguf writes one file, e.g. --out {out / 'model.gguf'}", param_hint="--out"
         )
-    if out.exists() and not force:
-        raise typer.BadParameter(f"{out} already exists; choose another --out or pass --force", param_hint="--out")
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(f"{out} already exists; choose another --out or pass --overwrite", param_hint="--out")
     if fmt == "hf" or not out.exists():
         check_out(out, overwrite=True)  # extract's checks: a folder if anything, under a writable folder

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import JsonOpt, ModelArg, OverwriteOpt, out_option
 from anyshape.cli.route import route_record, routed
 from anyshape.export.hf import export_hf
 from anyshape.shape import Shape
@@ -20,7 +21,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 @app.command()
 def extract(
     model: ModelArg,
-    out: Annotated[Path, typer.Option(help="Output folder (written atomically).", metavar="OUT", show_default=False)],
+    out: out_option("Output folder (written atomically).", metavar="OUT"),
     shape: Annotated[
         str | None,
         typer.Option(help="Sub-network to keep: inline JSON or a JSON file.", metavar="SHAPE", show_default=False),
@@ -43,7 +44,7 @@ def extract(
         ),
     ] = False,
     dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Extract SHAPE of MODEL into OUT: config.json, model.safetensors, tokenizer, generation

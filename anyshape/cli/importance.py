@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from anyshape.checkpoints import load
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
-from anyshape.cli.calibration import (
+from anyshape.cli.app import app, emit
+from anyshape.cli.calibration import read_calibration
+from anyshape.cli.options import (
     BatchSizeOpt,
     DataOpt,
+    JsonOpt,
+    ModelArg,
     NumSequencesOpt,
     SeedOpt,
     SequenceLengthOpt,
-    read_calibration,
+    out_option,
 )
 from anyshape.data.calibration import NUM_SEQUENCES, SEQUENCE_LENGTH
 from anyshape.importance.scores import score
@@ -25,7 +27,7 @@ from anyshape.importance.scores import score
 @app.command()
 def importance(
     model: ModelArg,
-    out: Annotated[Path, typer.Option(help="Scores file to write (.safetensors).", show_default=False)],
+    out: out_option("Scores file to write (.safetensors)."),
     data: DataOpt = None,
     metric: Annotated[str, typer.Option(help="activation, magnitude or taylor.")] = "activation",
     agg_batch: Annotated[

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from anyshape.checkpoints import check_weights, load_config, resolve
-from anyshape.cli.app import JsonOpt, ModelArg, ShapeOpt, app, emit
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import JsonOpt, ModelArg, ShapeOpt
 from anyshape.export.provenance import read_provenance
 from anyshape.shape import Shape
 from anyshape.share.storage import SHARING_FILE

@@ -8,15 +8,9 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_config
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
-from anyshape.cli.calibration import (
-    BatchSizeOpt,
-    DataOpt,
-    NumSequencesOpt,
-    SeedOpt,
-    SequenceLengthOpt,
-    read_calibration,
-)
+from anyshape.cli.app import app, emit
+from anyshape.cli.calibration import read_calibration
+from anyshape.cli.options import BatchSizeOpt, DataOpt, JsonOpt, ModelArg, NumSequencesOpt, SeedOpt, SequenceLengthOpt
 from anyshape.importance.layers import select_layers
 from anyshape.importance.scores import Scores
 

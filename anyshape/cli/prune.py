@@ -11,19 +11,17 @@ from typing import Annotated
 
 import typer
 
-from anyshape.cli.app import JsonOpt, MaxMemoryOpt, app, emit
-from anyshape.cli.train import DEFAULTS, absolute_paths
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import JsonOpt, out_option, overwrite_option, train_option
 from anyshape.train.settings import TrainSettings, read_settings
+
+DEFAULTS = TrainSettings()
+PRUNE_STEPS = 200
 
 
 @app.command("prune")
 def prune_command(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="Parent: Hugging Face folder, .gguf file, or 'smollm2-135m'.", metavar="MODEL", show_default=False
-        ),
-    ] = None,
+    model: train_option("model") = None,
     target: Annotated[
         str | None,
         typer.Option(
@@ -37,44 +35,30 @@ def prune_command(
         Path | None,
         typer.Option(help="... or the config.json (or folder) of an existing smaller model.", metavar="CONFIG"),
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Training text, as for `anyshape train`.", metavar="SOURCE")] = None,
-    domains: Annotated[
-        str | None, typer.Option(help="... or several domains, 'name=source,...'.", metavar="DOMAINS")
-    ] = None,
-    dynamic_batch: Annotated[
-        bool, typer.Option(help="Reweight --domains by held-out loss over reference (see `anyshape train`).")
-    ] = False,
-    reference_losses: Annotated[
-        str | None, typer.Option(help="--dynamic-batch: JSON {domain: loss}.", metavar="FILE")
-    ] = None,
-    reference_model: Annotated[
-        str | None, typer.Option(help="--dynamic-batch: ... or a reference model.", metavar="MODEL")
-    ] = None,
-    domain_update_every: Annotated[
-        int, typer.Option(help="--dynamic-batch: steps between reweightings.", min=1)
-    ] = DEFAULTS.domain_update_every,
-    prune_steps: Annotated[int, typer.Option(help="Optimizer steps of pruning.", min=1)] = 200,
-    target_warmup_steps: Annotated[
-        int, typer.Option(help="Steps over which the target moves from the parent's sizes to its own.", min=0)
-    ] = 0,
-    out: Annotated[Path, typer.Option(help="OUT/run: the pruning run; OUT/model: the target model.")] = Path("pruned"),
+    data: train_option("data") = None,
+    domains: train_option("domains") = None,
+    dynamic_batch: train_option("dynamic_batch") = False,
+    reference_losses: train_option("reference_losses") = None,
+    reference_model: train_option("reference_model") = None,
+    domain_update_every: train_option("domain_update_every") = DEFAULTS.domain_update_every,
+    prune_steps: train_option("steps", help="Optimizer steps of pruning (the run's steps).") = PRUNE_STEPS,
+    target_warmup_steps: train_option("target_warmup_steps") = DEFAULTS.target_warmup_steps,
+    out: out_option("OUT/run: the pruning run; OUT/model: the target model.") = Path("pruned"),
     resume: Annotated[bool, typer.Option(help="Continue the pruning run in OUT with its recorded settings.")] = False,
-    kd: Annotated[
-        str, typer.Option(help="none (next-token loss, as Sheared LLaMA), or distillation from the parent.")
-    ] = "none",
-    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.", min=2)] = DEFAULTS.seq_len,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)] = DEFAULTS.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", min=1)] = DEFAULTS.grad_accum,
-    lr: Annotated[float, typer.Option(help="The model's learning rate (0: masks only, the model frozen).")] = 1e-4,
-    mask_lr: Annotated[float, typer.Option(help="The masks' learning rate.")] = DEFAULTS.mask_lr,
-    lambda_lr: Annotated[float, typer.Option(help="The Lagrange multipliers' (gradient ascent).")] = (
-        DEFAULTS.lambda_lr
-    ),
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.", min=1)] = DEFAULTS.save_every,
-    eval_every: Annotated[int, typer.Option(help="Held-out perplexity every N steps.", min=1)] = DEFAULTS.eval_every,
-    seed: Annotated[int, typer.Option(help="Seed of data order and mask noise.")] = DEFAULTS.seed,
-    max_memory: MaxMemoryOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Start over in an OUT that holds another run.")] = False,
+    kd: train_option(
+        "kd", note="prune's default: none (the next-token loss, as Sheared LLaMA); train's: cosine."
+    ) = "none",
+    seq_len: train_option("seq_len") = DEFAULTS.seq_len,
+    batch_size: train_option("batch_size") = DEFAULTS.batch_size,
+    grad_accum: train_option("grad_accum") = DEFAULTS.grad_accum,
+    lr: train_option("lr", help="The model's learning rate (0: masks only, the model frozen).") = 1e-4,
+    mask_lr: train_option("mask_lr") = DEFAULTS.mask_lr,
+    lambda_lr: train_option("lambda_lr") = DEFAULTS.lambda_lr,
+    save_every: train_option("save_every") = DEFAULTS.save_every,
+    eval_every: train_option("eval_every") = DEFAULTS.eval_every,
+    seed: train_option("seed", help="Seed of data order and mask noise.") = DEFAULTS.seed,
+    max_memory: train_option("max_memory") = None,
+    overwrite: overwrite_option("Start over in an OUT that holds another run.") = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Prune MODEL to an exact target architecture (Sheared LLaMA, docs/methods.md).
@@ -116,7 +100,7 @@ def prune_command(
             save_every=save_every, eval_every=eval_every, seed=seed, warmup_steps=max(1, prune_steps // 10),
             max_memory=max_memory,
         )  # fmt: skip
-        settings = absolute_paths(settings).check()
+        settings = settings.with_absolute_paths().check()
     result = prune(
         settings, out, resume=resume, overwrite=overwrite, progress=True,
         log=lambda message: print(message, file=sys.stderr),

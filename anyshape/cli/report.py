@@ -9,8 +9,18 @@ from typing import Annotated
 
 import typer
 
-from anyshape.cli.app import JsonOpt, app
-from anyshape.cli.task_options import BatchSizeOpt, IncludePathOpt, LimitOpt, TasksOpt
+from anyshape.cli.app import app
+from anyshape.cli.options import (
+    ForceOpt,
+    IncludePathOpt,
+    JsonOpt,
+    LimitOpt,
+    TaskBatchSizeOpt,
+    TasksOpt,
+    out_option,
+    overwrite_option,
+    overwriting,
+)
 from anyshape.data.text import DEFAULT_TEXT_NAME
 from anyshape.deploy.report import (
     DEFAULT_NAME,
@@ -21,8 +31,9 @@ from anyshape.deploy.report import (
     write_family_report,
 )
 from anyshape.deploy.speed import RUNTIMES, SpeedSettings
-from anyshape.evaluate import harness
+from anyshape.evaluate import BATCH_SIZE
 from anyshape.evaluate.perplexity import MAX_TOKENS
+from anyshape.extras import require
 
 _SPEED = SpeedSettings()
 
@@ -36,7 +47,7 @@ def report(
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
     limit: LimitOpt = None,
-    batch_size: BatchSizeOpt = harness.BATCH_SIZE,
+    batch_size: TaskBatchSizeOpt = BATCH_SIZE,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -53,15 +64,13 @@ def report(
         str, typer.Option(help=f"Speed: comma-separated runtimes among {', '.join(RUNTIMES)}.", metavar="RUNTIMES")
     ] = "anyshape",
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure speed and memory.")] = True,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help=f"The markdown report; its .json and .png go beside it. Default: FAMILY/{DEFAULT_NAME}.",
-            metavar="FILE",
-            show_default=False,
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the report files if they exist.")] = False,
+    out: out_option(
+        f"The markdown report; its .json and .png go beside it. Default: FAMILY/{DEFAULT_NAME}.",
+        metavar="FILE",
+        optional=True,
+    ) = None,
+    overwrite: overwrite_option("Replace the report files if they exist.") = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Report on a FAMILY written by `anyshape compress`: for its parent (summary.json's "model",
@@ -84,8 +93,12 @@ def report(
     chosen_runtimes = tuple(name.strip() for name in runtimes.split(",") if name.strip())
     if not chosen_runtimes or not set(chosen_runtimes) <= set(RUNTIMES):
         raise typer.BadParameter(f"{runtimes!r}: choose one or more of {', '.join(RUNTIMES)}", param_hint="--runtimes")
+    require("matplotlib", "anyshape report")  # its plots; checked before the long measurements
+    if task_names:
+        require("lm_eval", "anyshape report --tasks")
+    overwrite = overwriting(overwrite, force)
     out = out or family / DEFAULT_NAME
-    _check_out(out, force)
+    _check_out(out, overwrite)
     settings = ReportSettings(
         tasks=task_names,
         include_path=str(include_path) if include_path else None,
@@ -97,7 +110,7 @@ def report(
         runtimes=chosen_runtimes,
     )
     result = family_report(family, settings, progress=True)
-    paths = write_family_report(result, out, overwrite=force)
+    paths = write_family_report(result, out, overwrite=overwrite)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -106,7 +119,7 @@ def report(
     print(f"\nwritten: {', '.join(map(str, paths))}")
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     """Fails fast, before the long measurements, on a report path that cannot be written."""
     if out.suffix != ".md":
         raise typer.BadParameter(
@@ -115,5 +128,7 @@ def _check_out(out: Path, force: bool) -> None:
     for path in report_files(out):
         if path.is_dir():
             raise typer.BadParameter(f"{path} is a folder; choose another --out", param_hint="--out")
-        if path.exists() and not force:
-            raise typer.BadParameter(f"{path} already exists; choose another --out or pass --force", param_hint="--out")
+        if path.exists() and not overwrite:
+            raise typer.BadParameter(
+                f"{path} already exists; choose another --out or pass --overwrite", param_hint="--out"
+            )

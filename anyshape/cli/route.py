@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from anyshape.cli.app import JsonOpt, app, emit
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import JsonOpt
 from anyshape.router.router import Route
 
 RunArg = Annotated[

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_tokenizer
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
-from anyshape.cli.calibration import BatchSizeOpt, DataOpt, NumSequencesOpt, SeedOpt, SequenceLengthOpt
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import BatchSizeOpt, DataOpt, JsonOpt, ModelArg, NumSequencesOpt, SeedOpt, SequenceLengthOpt
 from anyshape.data.calibration import calibration_ids
 from anyshape.data.text import load_text
 from anyshape.importance.rpd import DEFAULT_SCHEMES, Scheme, relative_perplexity_decrease

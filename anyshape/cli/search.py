@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_config, resolve
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
-from anyshape.cli.calibration import BatchSizeOpt, DataOpt, SeedOpt, read_calibration
+from anyshape.cli.app import app, emit
+from anyshape.cli.calibration import read_calibration
+from anyshape.cli.options import AlignOpt, BatchSizeOpt, DataOpt, JsonOpt, ModelArg, SeedOpt, out_option
 from anyshape.compress.report import describe
+from anyshape.extras import require
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import Scores, scores_beside
 from anyshape.model.config import LlamaFamilyConfig
@@ -21,12 +23,6 @@ from anyshape.search.space import DEFAULT_ALIGN, SearchSpace, parse_fractions
 from anyshape.shape import Shape
 
 UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}
-AlignOpt = Annotated[
-    int,
-    typer.Option(
-        help="Hidden and MLP sizes are multiples of this (32: llama.cpp's quantisation block; 1: any size).", min=1
-    ),
-]
 
 
 def parse_count(text: str, config: LlamaFamilyConfig, option: str) -> float:
@@ -66,9 +62,7 @@ def search_command(
     ] = "params,ppl",
     algorithm: Annotated[str, typer.Option(help=f"One of {', '.join(ALGORITHMS)}.")] = "nsga2",
     trials: Annotated[int, typer.Option(help="Shapes to evaluate (distinct, within the bounds).", min=1)] = 50,
-    out: Annotated[Path, typer.Option(help="Result file (JSON); the plot is written beside it (.png).")] = Path(
-        "pareto.json"
-    ),
+    out: out_option("Result file (JSON); the plot is written beside it (.png).") = Path("pareto.json"),
     max_params: Annotated[
         str | None, typer.Option(help="Upper bound: a count (60M) or a fraction of the parent (0.5).")
     ] = None,
@@ -109,6 +103,9 @@ def search_command(
     costs, quality_name = parse_objectives(objectives)
     if algorithm not in ALGORITHMS:
         raise typer.BadParameter(f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}", param_hint="--algorithm")
+    if algorithm == "nsga2":
+        require("optuna", "anyshape search --algorithm nsga2")
+    require("matplotlib", "anyshape search")  # the plot beside OUT
     config = load_config(model)
     grid = parse_fractions(fractions)
     bounds: dict[str, tuple[float | None, float | None]] = {}

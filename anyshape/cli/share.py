@@ -10,17 +10,19 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load_config
-from anyshape.cli.app import JsonOpt, MaxMemoryOpt, ModelArg, app, emit
+from anyshape.cli.app import app, emit
+from anyshape.cli.options import JsonOpt, ModelArg, out_option, overwrite_option, train_option
 from anyshape.share.plan import COMPONENT_CHOICES, RECOVERIES, STRATEGIES, build_plan
 from anyshape.share.storage import storage_summary
+from anyshape.train.settings import TrainSettings
+
+DEFAULTS = TrainSettings()
 
 
 @app.command("share")
 def share_command(
     model: ModelArg,
-    out: Annotated[
-        Path, typer.Option(help="Output folder: the compact shared model (written atomically).", show_default=False)
-    ],
+    out: out_option("Output folder: the compact shared model (written atomically)."),
     replace: Annotated[
         str,
         typer.Option(
@@ -48,13 +50,8 @@ def share_command(
         ),
     ] = "lowrank",
     rank: Annotated[int, typer.Option(help="Recovery rank (0: share the weights directly).", min=0)] = 32,
-    data: Annotated[
-        str | None,
-        typer.Option(help="Training text, as for anyshape train. Default: the embedded text.", metavar="SOURCE"),
-    ] = None,
-    val_data: Annotated[
-        str | None, typer.Option(help="Held-out text for stage 2. Default: 5% of --data.", metavar="SOURCE")
-    ] = None,
+    data: train_option("data") = None,
+    val_data: train_option("val_data", help="Held-out text for stage 2, as --data. Default: 5% of --data.") = None,
     warmup_steps: Annotated[int, typer.Option(help="Stage 1: Adam steps of the single-layer warm-up.", min=0)] = 200,
     warmup_sequences: Annotated[
         int, typer.Option(help="Stage 1: sequences whose layer inputs are recorded (10% held out).", min=2)
@@ -70,18 +67,20 @@ def share_command(
             "layers that read it; still stored once)."
         ),
     ] = False,
-    lr: Annotated[float, typer.Option(help="Stage 2: peak learning rate (warmup, then cosine).")] = 5e-4,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (both stages).", min=2)] = 256,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step (both stages).", min=1)] = 4,
-    save_every: Annotated[int, typer.Option(help="Stage 2: checkpoint every N steps.", min=1)] = 50,
-    precision: Annotated[str, typer.Option(help="Stage 2: auto, fp32 or bf16, as anyshape train.")] = "auto",
-    max_memory: MaxMemoryOpt = None,
+    lr: train_option(
+        "lr", help="Stage 2: peak learning rate (warmup, then cosine); share's default, for the recovery."
+    ) = 5e-4,
+    seq_len: train_option("seq_len", note="Both stages.") = DEFAULTS.seq_len,
+    batch_size: train_option("batch_size", note="Both stages.") = DEFAULTS.batch_size,
+    save_every: train_option("save_every", note="Stage 2.") = DEFAULTS.save_every,
+    precision: train_option("precision", note="Stage 2.") = DEFAULTS.precision,
+    max_memory: train_option("max_memory") = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order and the warm-up's batches.")] = 0,
     work: Annotated[
         Path | None, typer.Option(help="Working folder of the stages. Default: OUT.work, removed at the end.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted share from its working folder.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT, and start over in a used working folder.")] = False,
+    overwrite: overwrite_option("Replace OUT, and start over in a used working folder.") = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Share adjacent layers' weights, with low-rank recovery (SHARP), and save a compact model.

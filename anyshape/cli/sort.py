@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from anyshape.checkpoints import load, load_config, load_tokenizer
-from anyshape.cli.app import JsonOpt, ModelArg, app, emit
+from anyshape.cli.app import app, emit
 from anyshape.cli.extract import check_out
+from anyshape.cli.options import JsonOpt, ModelArg, OverwriteOpt, out_option
 from anyshape.export.hf import export_hf
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import SCORES_FILENAME, Scores
@@ -19,8 +20,8 @@ from anyshape.importance.scores import SCORES_FILENAME, Scores
 def sort_command(
     model: ModelArg,
     scores: Annotated[Path, typer.Option(help="Scores file from `anyshape importance`.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="Output folder (written atomically).", show_default=False)],
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    out: out_option("Output folder (written atomically)."),
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Sort MODEL's units by importance and save it as a standard Hugging Face folder.

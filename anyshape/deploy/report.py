@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -35,11 +35,15 @@ from anyshape.deploy.speed import (
     family_members,
 )
 from anyshape.errors import AnyshapeError, CheckpointError
-from anyshape.evaluate.harness import BATCH_SIZE, TaskScore, evaluate_tasks, find_tasks
+from anyshape.evaluate import BATCH_SIZE
 from anyshape.evaluate.perplexity import MAX_TOKENS, PerplexityResult, perplexity, tokenize
+from anyshape.extras import require
 from anyshape.files import atomic_files
 from anyshape.shape import Shape
 from anyshape.version import __version__
+
+if TYPE_CHECKING:  # lm-eval is imported only where tasks run
+    from anyshape.evaluate.harness import TaskScore
 
 DEFAULT_NAME = "deploy-report.md"  # written inside the family folder unless told otherwise
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")  # not accuracies
@@ -150,6 +154,9 @@ def family_report(
     parent_ref = family_parent(folder)
     members = family_members(folder)
     if settings.tasks:
+        require("lm_eval", "a report with tasks")
+        from anyshape.evaluate.harness import find_tasks
+
         find_tasks(settings.tasks, settings.include_path)
     text = load_text(settings.data)
     models = [("parent", parent_ref, "parent")] + [(name, str(path), "member") for name, path in members]
@@ -216,6 +223,8 @@ def _measure(
     scores, samples = [], {}
     if settings.tasks:
         stage(f"{name}: tasks")
+        from anyshape.evaluate.harness import evaluate_tasks
+
         tasks = evaluate_tasks(
             model, tokenizer, None, settings.tasks, settings.include_path, settings.limit, settings.batch_size
         )
@@ -342,8 +351,7 @@ def plot_family_report(report: FamilyReport, path: str | Path) -> None:
     """One PNG, a panel each: accuracy (if tasks ran; standard-error bars), perplexity (log
     scale) and decode tokens/s (if speed was measured; min-max bars) against total parameters,
     one line per metric or runtime; the parent is a star."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -41,12 +41,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from anyshape.checkpoints import load, load_config, load_tokenizer, resolve
 from anyshape.errors import AnyshapeError, CheckpointError
-from anyshape.export.gguf import OUTTYPES, export_gguf
 from anyshape.export.hf import export_hf
+from anyshape.extras import install_hint, require
 from anyshape.runtime.generate import Decoder
 from anyshape.shape import Shape
 
 RUNTIMES = ("anyshape", "transformers", "llama.cpp")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # export.gguf.OUTTYPES, named without importing gguf
 FAMILY_SUMMARY = "summary.json"  # what `anyshape compress` writes beside the member folders
 
 
@@ -65,8 +66,8 @@ class SpeedSettings:
                 raise AnyshapeError(f"{name}={getattr(self, name)} must be at least 1")
         if self.warmup < 0:
             raise AnyshapeError(f"warmup={self.warmup} must be 0 or more")
-        if self.gguf_type not in OUTTYPES:
-            raise AnyshapeError(f"gguf_type {self.gguf_type!r} is not one of {', '.join(OUTTYPES)}")
+        if self.gguf_type not in GGUF_TYPES:
+            raise AnyshapeError(f"gguf_type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def llama_cpp_missing() -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as error:
-        return f"llama-cpp-python is not installed ({error}); pip install llama-cpp-python"
+        return f"llama-cpp-python is not installed ({error}); {install_hint('llama_cpp')}"
     return None
 
 
@@ -278,8 +279,7 @@ def write_csv(results: list[SpeedResult], settings: SpeedSettings, path: str | P
 def plot_speeds(results: list[SpeedResult], path: str | Path) -> None:
     """Two panels, prefill and decode tokens/s: one bar per model and runtime (the median, with
     min-max whiskers). Writes a PNG to `path`."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the speed plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -330,6 +330,8 @@ def _exports(
     if "transformers" in runtimes and "transformers" not in folders:
         folders["transformers"] = export_hf(model, chosen, tmp / "hf")
     if "llama.cpp" in runtimes:
+        from anyshape.export.gguf import export_gguf
+
         try:
             gguf = export_gguf(model, chosen, tmp / "model.gguf", load_tokenizer(model_ref), settings.gguf_type)
             folders["llama.cpp"] = gguf

@@ -41,10 +41,10 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.errors import DataError, TaskError, first_line
+from anyshape.evaluate import BATCH_SIZE
 from anyshape.model.llama import ElasticLlama, KVCache
 from anyshape.shape import Shape
 
-BATCH_SIZE = 16
 MAX_GEN_TOKS = 256  # HFLM's default generation budget, in tokens
 DEFAULT_MAX_LENGTH = 2048  # HFLM's context length for a config that states none
 

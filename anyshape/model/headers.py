@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from anyshape.errors import AnyshapeError, CheckpointError, first_line
+from anyshape.extras import require
 
 REREAD = "re-download or re-export it"
 # safetensors dtype -> bytes per element
@@ -138,7 +139,7 @@ def gguf_header(path: Path, fix: str = REREAD) -> tuple[str, dict[str, TensorHea
     alone (gguf's GGUFReader would also view every tensor's data, which fails with a bare reshape
     error on a truncated file); raises CheckpointError for a malformed header, an integer
     tensor, or data that would lie past the end of the file (a truncated file)."""
-    import gguf
+    gguf = require("gguf", "reading a .gguf model")
 
     try:
         with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -237,7 +238,7 @@ def _gguf_infos(data: mmap.mmap) -> tuple[str, int, list[tuple[str, list[int], i
 
 def gguf_names(architecture: str, num_layers: int, hf_names: list[str]) -> dict[str, str]:
     """GGUF name -> HF name of the given HF state-dict names (those llama.cpp has a name for)."""
-    import gguf
+    gguf = require("gguf", "reading a .gguf model")
 
     arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}.get(architecture)
     if arch is None:

@@ -1,6 +1,7 @@
 """The package's imports point one way: down the tiers below, and never in a cycle.
 
-    0  errors, files, shape, version   what everything uses
+    0  errors, extras, files, shape, version
+                                       what everything uses
     1  model                           the elastic model, its weights I/O, adapters, the NLL
     2  data, memory, importance, search, export, runtime, evaluate
                                        what works on a model: scores, Shapes, export, metrics
@@ -22,7 +23,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "anyshape"
 TIERS = {
-    **dict.fromkeys(("errors", "files", "shape", "version"), 0),
+    **dict.fromkeys(("errors", "extras", "files", "shape", "version"), 0),
     "model": 1,
     **dict.fromkeys(("data", "memory", "importance", "search", "export", "runtime", "evaluate"), 2),
     **dict.fromkeys(("train", "checkpoints", "router", "prune", "share", "compress"), 3),

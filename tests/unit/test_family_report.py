@@ -146,8 +146,8 @@ def test_command_writes_one_table_json_and_plot(capsys, family, tasks, text, mea
 
     monkeypatch.undo()  # from here on, real measurements
     status, _, err = run(capsys, "report", family, "--data", text, "--no-speed")
-    assert status == 2 and "deploy-report.md already exists" in err and "--force" in err
-    status, out, err = run(capsys, "report", family, "--data", text, "--no-speed", "--force")
+    assert status == 2 and "deploy-report.md already exists" in err and "--overwrite" in err
+    status, out, err = run(capsys, "report", family, "--data", text, "--no-speed", "--overwrite")
     assert status == 0, err
     assert out.splitlines()[0].endswith("| perplexity |"), "no tasks and no speed: no such columns"
     record = json.loads((family / "deploy-report.json").read_text())
@@ -184,5 +184,14 @@ def test_help_teaches_what_is_measured(capsys, monkeypatch):
     assert status == 0 and err == ""
     assert out.startswith("Usage: anyshape report [OPTIONS] {FAMILY}")
     assert "\n  Example: anyshape report family/ --tasks hellaswag_local --include-path tasks/ --limit 200\n" in out
-    for option in ("--tasks", "--include-path", "--limit", "--data", "--runtimes", "--no-speed", "--out", "--force"):
+    for option in (
+        "--tasks",
+        "--include-path",
+        "--limit",
+        "--data",
+        "--runtimes",
+        "--no-speed",
+        "--out",
+        "--overwrite",
+    ):
         assert option in out

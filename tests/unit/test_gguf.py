@@ -523,7 +523,7 @@ def test_export_command_writes_gguf(capsys, parent, parent_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(anyshape.load(out)(INPUT_IDS), model(INPUT_IDS, shape), atol=1e-4, rtol=0)
 
-    status, stdout, err = run(capsys, *args[:-3], "q8_0", "--out", out, "--force", "--json")
+    status, stdout, err = run(capsys, *args[:-3], "q8_0", "--out", out, "--overwrite", "--json")
     assert status == 0, err
     assert json.loads(stdout)["tensor_types"] == {"f16": 2, "f32": 5, "q8_0": 14}  # ffn_down: rows of 33
     assert "2 matrices are stored as f16, not q8_0" in err and "--align 32" in err
@@ -544,7 +544,7 @@ def test_export_command_writes_hf(capsys, parent, parent_dir, tmp_path):
         (["--outtype", "q4_0"], ["--outtype", "'q4_0' is not one of f32, f16, bf16, q8_0"]),
         (["--format", "hf", "--outtype", "q8_0"], ["'q8_0' is not one of f32, f16, bf16", "--format hf"]),
         (["--format", "onnx"], ["--format", "'onnx' is not one of gguf, hf"]),
-        (["--out", "EXISTS"], ["already exists", "--force"]),
+        (["--out", "EXISTS"], ["already exists", "--overwrite"]),
         (["--out", "FOLDER"], ["is a folder", "one file"]),
         (["--out", "model.bin"], ["must end in .gguf"]),
         (["--shape", '{"layers": [0, 9]}'], ["index 9", "0..3"]),
@@ -576,5 +576,5 @@ def test_export_command_refuses_what_llama_cpp_cannot_run(capsys, parent_dir, ti
 def test_export_help_teaches(capsys):
     status, out, _ = run(capsys, "export", "--help")
     assert status == 0
-    for words in ("llama.cpp", "q8_0", "--force", "anyshape export smollm2-135m"):
+    for words in ("llama.cpp", "q8_0", "--overwrite", "anyshape export smollm2-135m"):
         assert words in out

@@ -40,6 +40,7 @@ class TrainSettings:
     align: int = DEFAULT_ALIGN
     kd: str = "cosine"  # a KD loss, or "none": every Shape learns the next token
     balance_losses: bool = False
+    teacher: str = "largest"  # KD from the largest Shape in place, "parent" (frozen), or a MODEL of the same vocabulary
     adapter: str = "full"
     all_weights: bool = False  # full: train every weight, also those a compact shared model keeps frozen
     lora_rank: int = 16
@@ -116,6 +117,10 @@ class TrainSettings:
             raise AnyshapeError(f"fractions {list(self.fractions)} must each be in (0, 1], e.g. 0.25,0.5,0.75,1")
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        if not self.teacher.strip():
+            raise AnyshapeError(
+                "teacher is empty; give largest (in-place distillation), parent (the parent model, frozen) or a MODEL"
+            )
         if self.seq_len < 2:
             raise AnyshapeError(f"seq_len={self.seq_len} must be at least 2 (one token predicts the next)")
         if self.batch_size % self.grad_accum:

@@ -26,6 +26,7 @@ from tests.unit.test_train import (  # noqa: F401 (fixtures)
     assert_same_state,
     settings,
     text,
+    train_in_one_and_two_processes,
     train_interrupted_and_resumed,
 )
 
@@ -120,6 +121,15 @@ def test_a_run_with_a_frozen_teacher_resumes_exactly(settings):  # noqa: F811
     settings = replace(settings, teacher="parent", kd="forward-kl", balance_losses=True)
     reference = train_interrupted_and_resumed(settings, 4)
     assert_same_state(anyshape.load(settings.out), anyshape.load(reference.out))
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_with_a_frozen_teacher_train_like_one(settings, distributed):  # noqa: F811
+    settings = replace(settings, steps=3, grad_accum=2, distributed=distributed, teacher="parent", kd="forward-kl")
+    single = train_in_one_and_two_processes(settings)
+    assert_same_state(anyshape.load(settings.out), anyshape.load(single.out), atol=1e-5, rtol=1e-4)
+    trained, parent = anyshape.load(single.out), anyshape.load(settings.model)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), parent.parameters(), strict=True))
 
 
 def save_tiny(folder: Path, tokenizer: PreTrainedTokenizerFast, **config) -> Path:

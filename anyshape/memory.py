@@ -2,7 +2,8 @@
 
 A step holds the weights, the trainable parameters' gradients and AdamW moments, the saved
 activations of one forward pass (each Shape's backward runs before the next Shape's forward) and
-the logits (the student's, their log-softmax and gradient, the no-grad teacher's). Per token
+the logits (the student's, their log-softmax and gradient, the no-grad teacher's), and a frozen
+teacher's weights when one teaches instead of the largest Shape. Per token
 and decoder layer, the forward saves about 4H + 5 Q d + 3 G d + 4F + Q T values (norm inputs and
 outputs; queries, keys, values, rotated copies and attention output; gate, up, their activation
 and product; attention probabilities, which a CPU attention keeps), and with adapters 5H + Q d + F
@@ -35,14 +36,16 @@ class MemoryEstimate:
     optimizer: int  # gradients and AdamW's two moments of the trainable parameters
     activations: int
     logits: int
+    teacher: int = 0  # a frozen teacher's weights
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.activations + self.logits + RUNTIME_BYTES
+        return self.weights + self.optimizer + self.activations + self.logits + self.teacher + RUNTIME_BYTES
 
     def describe(self) -> str:
         parts = {"weights": self.weights, "gradients and optimizer": self.optimizer}
-        parts |= {"activations": self.activations, "logits": self.logits, "runtime": RUNTIME_BYTES}
+        parts |= {"activations": self.activations, "logits": self.logits}
+        parts |= ({"teacher": self.teacher} if self.teacher else {}) | {"runtime": RUNTIME_BYTES}
         return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items()) + ")"
 
 
@@ -55,9 +58,13 @@ def training_memory(
     trainable: int,
     adapters: bool = False,
     bytes_per_value: int = 4,
+    teacher_parameters: int = 0,
+    teacher_bytes_per_value: int = 4,
 ) -> MemoryEstimate:
     """The peak of one training step of `shape` on a micro-batch of `sequences` x `seq_len`
-    tokens, with `parameters` weights of which `trainable` learn (AdamW), through `adapters` or not."""
+    tokens, with `parameters` weights of which `trainable` learn (AdamW), through `adapters` or not,
+    beside a frozen teacher of `teacher_parameters` weights of `teacher_bytes_per_value` bytes each
+    (its logits take the place of the largest Shape's no-grad ones, already counted)."""
     d, groups, queries = config.head_dim, shape.num_key_value_heads, shape.num_attention_heads
     per_layer = 4 * shape.hidden_size + 5 * queries * d + 3 * groups * d + 4 * shape.intermediate_size
     per_layer += queries * seq_len
@@ -66,7 +73,8 @@ def training_memory(
     tokens = sequences * seq_len
     activations = tokens * per_layer * len(shape.layers) * bytes_per_value
     logits = 4 * tokens * config.vocab_size * 4  # float32: logits, log-softmax, its gradient, the teacher's
-    return MemoryEstimate(parameters * bytes_per_value, 3 * trainable * 4, activations, logits)
+    teacher = teacher_parameters * teacher_bytes_per_value
+    return MemoryEstimate(parameters * bytes_per_value, 3 * trainable * 4, activations, logits, teacher)
 
 
 def parse_size(text: str) -> int:

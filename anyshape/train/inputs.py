@@ -1,5 +1,6 @@
 """The token batches a run's settings describe: packed training and held-out sequences of
---data (or the embedded text), or the --domains mixture with its reference losses."""
+--data (or the embedded text), or the --domains mixture with its reference losses; and the
+frozen --teacher, checked before anything loads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from anyshape.checkpoints import load, load_tokenizer
+from anyshape.checkpoints import config_source, load, load_config, load_tokenizer
 from anyshape.data.text import default_text
-from anyshape.errors import AnyshapeError
+from anyshape.errors import AnyshapeError, CheckpointError, first_line
+from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
 from anyshape.train.data import TrainingData, build_training_data, pack, split, tokenize_documents
 from anyshape.train.distributed import Distributed
@@ -94,3 +97,64 @@ def check_context(settings: TrainSettings, context: int) -> None:
 
 def token_cache() -> Path:
     return Path(os.environ.get("ANYSHAPE_CACHE", "~/.cache/anyshape")).expanduser() / "tokens"
+
+
+def teacher_source(settings: TrainSettings) -> str | None:
+    """The MODEL the frozen teacher is: the parent (--teacher parent) or --teacher's; None when
+    the largest Shape teaches in place (--teacher largest)."""
+    if settings.teacher == "largest":
+        return None
+    return settings.model if settings.teacher == "parent" else settings.teacher
+
+
+def check_teacher(settings: TrainSettings, student: LlamaFamilyConfig) -> LlamaFamilyConfig | None:
+    """The frozen teacher's config, read without its weights (None: no frozen teacher); refuses
+    a teacher that does not exist, whose vocabulary is not the student's, or whose context is
+    shorter than seq_len."""
+    source = teacher_source(settings)
+    if source is None or settings.teacher == "parent":
+        return None if source is None else student
+    try:
+        config = load_config(source)
+    except AnyshapeError as error:
+        raise AnyshapeError(f"teacher {source}: {first_line(error)}") from None
+    fix = "choose a teacher with the student's tokenizer, or --teacher parent"
+    if config.vocab_size != student.vocab_size:
+        raise AnyshapeError(
+            f"the teacher {source} has a vocabulary of {config.vocab_size} tokens and the student {settings.model} "
+            f"one of {student.vocab_size}: distillation compares their logits token by token; {fix}"
+        )
+    mine, theirs = _vocabulary(settings.model), _vocabulary(source)
+    if mine is not None and theirs is not None and mine != theirs:
+        raise AnyshapeError(
+            f"the teacher {source}'s tokenizer numbers its tokens otherwise than the student's ({settings.model}): "
+            f"distillation compares their logits token by token; {fix}"
+        )
+    if settings.seq_len > config.hf.max_position_embeddings:
+        raise AnyshapeError(
+            f"seq_len={settings.seq_len} is longer than the teacher {source}'s context of "
+            f"{config.hf.max_position_embeddings} tokens; choose --seq-len {config.hf.max_position_embeddings} or "
+            "less, or another teacher"
+        )
+    return config
+
+
+def _vocabulary(ref: str) -> dict[str, int] | None:
+    """MODEL's tokenizer's token -> id map when it loads cheaply (a folder's tokenizer files; not
+    a GGUF file's, which converts), else None."""
+    if config_source(ref).suffix == ".gguf":
+        return None
+    try:
+        return load_tokenizer(ref).get_vocab()
+    except CheckpointError:
+        return None
+
+
+def load_teacher(settings: TrainSettings, dtype: torch.dtype, device: torch.device) -> ElasticLlama | None:
+    """The frozen teacher on `device` in `dtype`, without gradients, in eval mode (None: the
+    largest Shape teaches in place). Loading it leaves the random number generator as it was."""
+    source = teacher_source(settings)
+    if source is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        return load(source, dtype=dtype).to(device).requires_grad_(False).eval()

@@ -5,6 +5,8 @@ Per optimizer step and accumulation micro-batch (x, (b, S) token ids):
   2. each smaller Shape k: loss_k = KD(f(x; k), t) (or next-token loss with kd none), scaled
      by the loss balancer, backward (gradients accumulate in the shared weights);
   3. the largest Shape: loss = next-token loss, backward.
+With a frozen teacher (--teacher parent or MODEL: loaded once, no gradients) t is its logits
+instead, and the largest Shape is a student like the others in step 3: KD(f(x; largest), t).
 Then gradient clipping, AdamW, and the warmup + cosine learning rate; a step whose loss or
 gradient is NaN or inf is skipped (said in the log) or, with on_nonfinite stop, ends the run
 with an error naming the step, after a checkpoint of the steps before it. Under DDP the smaller
@@ -51,10 +53,20 @@ from anyshape.train.distributed import (
     wrap,
 )
 from anyshape.train.domains import DomainMixture
-from anyshape.train.inputs import domain_losses, domain_mixture, mixed_held_out, reference_losses, training_data
+from anyshape.train.inputs import (
+    check_teacher,
+    domain_losses,
+    domain_mixture,
+    load_teacher,
+    mixed_held_out,
+    reference_losses,
+    training_data,
+)
 from anyshape.train.run import check_destination, drop_later_metrics, log_metrics, start_run
 from anyshape.train.sampling import ShapeSampler
 from anyshape.train.settings import TrainSettings
+
+TEACHER_SLOT = "teacher"  # a frozen teacher's next-token loss and perplexity in the metrics
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -121,7 +133,9 @@ def _train(
             f"batch_size / grad_accum = {micro_batch} sequences must split evenly over {world.world_size} processes; "
             "choose a batch size that is a multiple of grad_accum x the number of processes"
         )
-    context = load_config(settings.model).hf.max_position_embeddings
+    student = load_config(settings.model)
+    teacher_config = check_teacher(settings, student)  # a bad --teacher fails before anything loads
+    context = student.hf.max_position_embeddings
     if settings.domains is not None:  # bad data fails fast, before the model loads
         mixture = domain_mixture(settings, context, micro_batch)
         batches, val = mixture, mixed_held_out(mixture, settings.val_batches * settings.batch_size)
@@ -136,7 +150,9 @@ def _train(
     )  # fmt: skip
     add_trainable_modules(model, settings)
     control = controller(settings, space, device) if controller is not None else None
-    _check_memory(model, settings, micro_batch // world.world_size, device)
+    bf16 = _bf16(settings.precision, device)
+    _check_memory(model, settings, micro_batch // world.world_size, device, teacher_config, bf16)
+    teacher = load_teacher(settings, torch.bfloat16 if bf16 else torch.float32, device)  # None: the largest teaches
     companions = control.companions if control is not None else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = wrap(model, device, world, settings.distributed, settings.adapter != "full") if trainable else model
@@ -198,16 +214,18 @@ def _train(
     def validate() -> dict[str, float]:
         return _validate(model, val, _validation_shapes(sampler, control), settings, autocast)
 
-    if step == 0:  # the zero-shot baseline every later evaluation compares with
-        log_metrics(run, world, {"step": 0, "val_ppl": validate()})
+    if step == 0:  # the zero-shot baseline every later evaluation compares with, and the frozen teacher's
+        target = {TEACHER_SLOT: _perplexity(teacher, val, settings, autocast)} if teacher is not None else {}
+        log_metrics(run, world, {"step": 0, "val_ppl": validate() | target})
     try:
         while step < settings.steps:
             started = time.perf_counter()
-            teacher, students = _students(sampler, control, step)
-            largest = teacher[1]
+            sampled_largest, students = _students(sampler, control, step)
+            largest = sampled_largest[1]
             largest_learns = bool(trainable) and (control is None or control.largest_learns)
             losses, seconds = _step(
-                wrapped, teacher, students, batches, step, settings, world, device, autocast, balancer, largest_learns
+                wrapped, sampled_largest, students, batches, step, settings, world, device, autocast, balancer,
+                largest_learns, teacher,
             )  # fmt: skip
             norms = [_clip(trainable, settings.max_grad_norm)]
             for module, _ in companions.values():
@@ -292,7 +310,7 @@ def _nonfinite(losses: dict[str, float], norms: list[Tensor]) -> str | None:
 
 def _step(
     model: nn.Module,
-    teacher_shape: tuple[str, Shape],
+    largest_shape: tuple[str, Shape],
     students: Callable[[int], list[Student]],
     batches: Batches | DomainMixture,
     step: int,
@@ -302,26 +320,35 @@ def _step(
     autocast: Callable[[], contextlib.AbstractContextManager],
     balancer: LossBalancer,
     largest_learns: bool,
+    frozen: nn.Module | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Accumulates one optimizer step's gradients; returns the mean loss and the seconds of
     forward + backward per slot. `students(micro)` gives each micro-batch's smaller Shapes; the
-    largest Shape learns the next token if `largest_learns`, its backward last (the one that
-    synchronises gradients under DDP); else the last micro-batch's last student's does."""
-    teacher_slot, largest = teacher_shape
-    losses: dict[str, float] = {teacher_slot: 0.0}
-    seconds: dict[str, float] = {teacher_slot: 0.0}
+    largest Shape learns if `largest_learns`, its backward last (the one that synchronises
+    gradients under DDP); else the last micro-batch's last student's does. The teacher is the
+    largest Shape in place, or the `frozen` model: then the largest learns from it like the
+    others, and its next-token loss (slot "teacher") is the loss balancer's reference."""
+    largest_slot, largest = largest_shape
+    reference = largest_slot if frozen is None else TEACHER_SLOT  # the slot whose loss balancing aims at
+    reads = settings.kd != "none" or settings.balance_losses  # whether anything reads the teacher's logits
+    losses: dict[str, float] = {largest_slot: 0.0} if largest_learns or frozen is None else {}
+    seconds: dict[str, float] = dict.fromkeys(losses, 0.0)
     for micro in range(settings.grad_accum):
         ids = shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size).to(device)
         micro_students = students(micro)
-        teacher = None  # the largest Shape's logits (b, S, V): computed only when something reads them
-        if not largest_learns or (micro_students and (settings.kd != "none" or settings.balance_losses)):
+        teacher = None  # the teacher's logits (b, S, V): computed only when something reads them
+        if frozen is None:
+            needed = not largest_learns or (micro_students and reads)
+        else:
+            needed = reads and (largest_learns or bool(micro_students))
+        if needed:
             with torch.no_grad(), autocast():
-                teacher = model(ids, shape=largest)
+                teacher = model(ids, shape=largest) if frozen is None else frozen(ids)
             teacher_value = mean_over_processes(next_token_nll(teacher, ids), world)
             if settings.balance_losses:
-                balancer.update(teacher_slot, teacher_value)  # the reference: updated first
-            if not largest_learns:
-                losses[teacher_slot] += teacher_value / settings.grad_accum
+                balancer.update(reference, teacher_value)  # the reference: updated first
+            if frozen is not None or not largest_learns:
+                losses[reference] = losses.get(reference, 0.0) + teacher_value / settings.grad_accum
         last = micro == settings.grad_accum - 1
         for index, student in enumerate(micro_students):
             started = time.perf_counter()
@@ -343,10 +370,18 @@ def _step(
             continue
         started = time.perf_counter()
         with contextlib.nullcontext() if last else no_sync(model), autocast():
-            loss = next_token_nll(model(ids, shape=largest), ids)
+            logits = model(ids, shape=largest)
+            if frozen is None or settings.kd == "none":
+                loss = next_token_nll(logits, ids)
+            else:
+                loss = distillation_loss(settings.kd, logits, teacher)
+            value = mean_over_processes(loss.detach(), world)
+            if frozen is not None and settings.balance_losses:  # in place, the largest is the reference itself
+                balancer.update(largest_slot, value)
+                loss = loss * balancer.scale(largest_slot)
             (loss / settings.grad_accum).backward()
-        losses[teacher_slot] += mean_over_processes(loss.detach(), world) / settings.grad_accum
-        seconds[teacher_slot] += _synchronized(started, device)
+        losses[largest_slot] += value / settings.grad_accum
+        seconds[largest_slot] += _synchronized(started, device)
     return losses, seconds
 
 
@@ -385,13 +420,31 @@ def _validate(
     return result
 
 
-def _check_memory(model: ElasticLlama, settings: TrainSettings, sequences: int, device: torch.device) -> None:
+@torch.no_grad()
+def _perplexity(model: nn.Module, val: Tensor, settings: TrainSettings, autocast) -> float:
+    """Perplexity of the whole of `model` (the frozen teacher) on the held-out sequences `_validate` scores."""
+    rows = val[: settings.val_batches * settings.batch_size].to(next(model.parameters()).device)
+    with autocast():
+        return math.exp(mean_nll(model, rows, None, settings.batch_size))
+
+
+def _check_memory(
+    model: ElasticLlama,
+    settings: TrainSettings,
+    sequences: int,
+    device: torch.device,
+    teacher: LlamaFamilyConfig | None = None,
+    bf16: bool = False,
+) -> None:
     """Refuses, before the first batch, a run whose estimated peak (anyshape.memory) exceeds
-    --max-memory or, without it, what the loaded model holds plus what is still free."""
+    --max-memory or, without it, what the loaded model holds plus what is still free. A frozen
+    `teacher` (its config: it loads after this check) counts in bfloat16 when `bf16`, else float32."""
     estimate = training_memory(
         model.config, model.full_shape, sequences, settings.seq_len,
         sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
         adapters=settings.adapter != "full",
+        teacher_parameters=Shape.full(teacher).num_parameters(teacher) if teacher is not None else 0,
+        teacher_bytes_per_value=2 if bf16 else 4,
     )  # fmt: skip
     if settings.max_memory is not None:
         limit = parse_size(settings.max_memory)
@@ -419,9 +472,13 @@ def _synchronized(started: float, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def _bf16(precision: str, device: torch.device) -> bool:
+    """Whether the run autocasts to bfloat16."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not bf16:
+    if not _bf16(precision, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 

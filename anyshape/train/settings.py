@@ -18,6 +18,7 @@ from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS, parse_fracti
 from anyshape.train.distill import KD_LOSSES
 from anyshape.train.sampling import SAMPLING
 
+TEACHER_KEYWORDS = ("largest", "parent")  # teachers named by role, not by a MODEL path
 RUN_FILE = "train.json"  # marks a folder `anyshape train` wrote: its settings, with the parent model
 PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE = ("skip", "stop")  # what a step whose loss or gradient is NaN or inf does
@@ -109,6 +110,12 @@ class TrainSettings:
     )
     kd: str = setting("cosine", "Distillation from the largest Shape: forward-kl, reverse-kl, js, cosine, l2, or none.")
     balance_losses: bool = setting(False, "Scale each Shape's loss to the largest's running magnitude (AmoebaLLM).")
+    teacher: str = setting(
+        "largest",
+        "Whom every Shape distils from: largest (the largest Shape, in place), parent (MODEL as loaded, frozen), "
+        "or any MODEL of the same vocabulary (frozen).",
+        metavar="TEACHER",
+    )
     adapter: str = setting(
         "full", "full (every weight), lora, or smol (Shape-gated LoRA experts); base frozen with adapters."
     )
@@ -244,6 +251,10 @@ class TrainSettings:
             raise AnyshapeError(f"fractions {list(self.fractions)} must each be in (0, 1], e.g. 0.25,0.5,0.75,1")
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        if not self.teacher.strip():
+            raise AnyshapeError(
+                "teacher is empty; give largest (in-place distillation), parent (the parent model, frozen) or a MODEL"
+            )
         if self.batch_size % self.grad_accum:
             raise AnyshapeError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum} "
@@ -299,6 +310,7 @@ class TrainSettings:
             self, model=absolute(self.model), data=absolute(self.data), val_data=absolute(self.val_data),
             domains=domains, reference_losses=absolute(self.reference_losses),
             reference_model=absolute(self.reference_model),
+            teacher=self.teacher if self.teacher in TEACHER_KEYWORDS else absolute(self.teacher),
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

@@ -179,8 +179,10 @@ def test_a_bad_teacher_is_refused_before_the_student_loads(settings, tmp_path, m
     assert not Path(settings.out).exists(), "a refused run left a run folder"
 
 
-def test_a_bad_teacher_in_a_config_file_exits_2_with_one_line(capsys, settings, tmp_path):  # noqa: F811
-    config = tmp_path / "teacher.yaml"  # the command line has no --teacher option: a config file sets it
+def test_a_bad_teacher_exits_2_with_one_line(capsys, settings, tmp_path):  # noqa: F811
+    args = ["train", settings.model, "--data", settings.data, "--out", settings.out, "--steps", "1", "--seq-len", "32"]
+    assert_bad_input(capsys, [*args, "--align", "16", "--teacher", tmp_path / "missing"], "teacher", "not found")
+    config = tmp_path / "teacher.yaml"  # a config file sets it too
     config.write_text(f"teacher: {tmp_path / 'missing'}\nsteps: 1\nseq_len: 32\nalign: 16\n")
     args = ["train", settings.model, "--config", config, "--data", settings.data, "--out", settings.out]
     assert_bad_input(capsys, args, "teacher", "not found")

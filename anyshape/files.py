@@ -1,5 +1,10 @@
 """Atomic writes: an interrupted write never leaves something that looks complete, and a full
-disk leaves the previous output as it was and says so in one line."""
+disk leaves the previous output as it was (`atomic_directory` and `atomic_files`, which write
+what a command was asked for, also say so in one line).
+
+A file is written under a hidden temporary name beside it, `.STEM.partial-*SUFFIX`, and renamed
+onto its path once complete. The names are unique, so processes that write the same file at
+once each rename a complete file in, the last one winning."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from anyshape.errors import AnyshapeError
@@ -93,9 +98,36 @@ def disk_full(out: Path) -> AnyshapeError:
 
 
 @contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yields a uniquely named hidden temporary path beside `path` (same suffix) for the caller
+    to write; on success it is renamed onto `path`, replacing what was there.
+
+    On any exception (Ctrl-C included) the temporary file is removed and `path` is untouched:
+    absent, or its previous content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=path.suffix, dir=path.parent)
+    os.close(descriptor)
+    temporary = Path(name)
+    try:
+        yield temporary
+        temporary.chmod(0o644)  # mkstemp's 0600 would make the finished file private
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes `text` to `path` through `atomic_file`."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
+
+
+@contextmanager
 def atomic_files(paths: Sequence[str | Path], overwrite: bool = False) -> Iterator[list[Path]]:
-    """Yields a hidden temporary path beside each of `paths` (same suffix) for the caller to
-    write; once all are written, each is renamed to its path.
+    """Yields an `atomic_file` temporary path for each of `paths`, for the caller to write; once
+    all are written, each is renamed onto its path.
 
     On any exception (Ctrl-C included) the temporary files are removed and `paths` are untouched,
     so no file of the set is ever half-written. Existing files are replaced only with
@@ -105,17 +137,10 @@ def atomic_files(paths: Sequence[str | Path], overwrite: bool = False) -> Iterat
     existing = [path for path in paths if path.exists()]
     if existing and not overwrite:
         raise AnyshapeError(f"{existing[0]} already exists; choose another path or pass overwrite=True")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmps = [path.with_name(f".{path.stem}.partial{path.suffix}") for path in paths]
     try:
-        yield tmps
-        for tmp, path in zip(tmps, paths, strict=True):
-            os.replace(tmp, path)
+        with ExitStack() as stack:
+            yield [stack.enter_context(atomic_file(path)) for path in paths]
     except Exception as error:  # the libraries raise their own (safetensors, torch.save)
         if is_disk_full(error, paths[0]):
             raise disk_full(paths[0]) from None
         raise
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from anyshape.checkpoints import resolve
+from anyshape.files import atomic_write_text
 
 
 def input_hash(**inputs: Any) -> str:
@@ -32,10 +32,7 @@ def model_identity(ref: str) -> dict[str, Any]:
 
 def write_json(path: Path, record: Any) -> None:
     """Writes JSON atomically (a temporary file renamed over `path`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 class StageCache:
@@ -54,10 +51,7 @@ class StageCache:
 
     def finish(self, stage: str, key: str) -> None:
         """Marks `stage` done with `key`; call only after its output is completely written."""
-        write_key = self.path(stage, ".key")
-        tmp = write_key.with_name(f".{write_key.name}.partial")
-        tmp.write_text(key)
-        os.replace(tmp, write_key)
+        atomic_write_text(self.path(stage, ".key"), key)
 
     def read(self, stage: str) -> Any:
         return json.loads(self.path(stage).read_text())

@@ -20,8 +20,6 @@ blocks.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.errors import AnyshapeError, CheckpointError, ShapeError
 from anyshape.export.extract import extract_state_dict
+from anyshape.files import atomic_file
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
@@ -92,19 +91,13 @@ def export_gguf(
         data, data_type = _encode(tensor, tensor_type)
         writer.add_tensor(name, data, raw_dtype=data_type)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(handle)
-    try:
-        writer.write_header_to_file(Path(temporary))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would make the finished file private
-        os.replace(temporary, out)
-    finally:
-        writer.close()
-        Path(temporary).unlink(missing_ok=True)
+    with atomic_file(out) as temporary:
+        try:
+            writer.write_header_to_file(temporary)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return out
 
 

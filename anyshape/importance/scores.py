@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from anyshape.errors import DataError
+from anyshape.files import atomic_file
 from anyshape.importance.activations import AGGREGATIONS, record_activations
 from anyshape.importance.units import UNITS, owned_totals, unit_sizes
 from anyshape.model.config import LlamaFamilyConfig
@@ -69,12 +69,9 @@ class Scores:
 
     def save(self, path: str | Path) -> None:
         """Writes a safetensors file, atomically; `info` goes in its header as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
         tensors = {unit: tensor.contiguous().float() for unit, tensor in self.tensors().items()}
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(self.info)})
-        os.replace(tmp, path)
+        with atomic_file(path) as temporary:
+            save_file(tensors, temporary, metadata={METADATA_KEY: json.dumps(self.info)})
 
     @classmethod
     def load(cls, path: str | Path, config: LlamaFamilyConfig | None = None) -> Scores:

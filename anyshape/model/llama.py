@@ -12,6 +12,7 @@ F' MLP neurons, V vocabulary (primes: the Shape's widths).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from anyshape.errors import AnyshapeError
 from anyshape.model.config import LlamaFamilyConfig
-from anyshape.model.masks import MaskedShape, masked_hidden_states
+from anyshape.model.masks import LayerGates, MaskedShape
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
 
@@ -104,10 +105,18 @@ class Attention(nn.Module):
         self.o_proj = ElasticLinear("o_proj", q_width, config.hidden_size, config.o_bias, config)
         self.head_outputs = nn.Identity()  # tap for hooks: (B, T, Q' d) entering o_proj
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape, past: LayerKV | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        shape: Shape,
+        past: LayerKV | None = None,
+        head_mask: Tensor | None = None,
+    ) -> Tensor:
         """x: (B, T, H') -> (B, T, H'). rope: cos and sin at the T tokens' positions, each (T, d).
         `past`: this layer's keys and values of the earlier tokens, extended in place with the
-        T new ones (which then come last: positions T_past..T_past + T - 1)."""
+        T new ones (which then come last: positions T_past..T_past + T - 1). `head_mask` (Q' d,):
+        multiplies the heads' outputs entering o_proj (a MaskedShape's `LayerGates.heads`)."""
         B, T, _ = x.shape
         d = self.config.head_dim
         q = self.q_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
@@ -121,6 +130,8 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=q.shape[1] != k.shape[1]
         )  # (B, Q', T, d)
         y = self.head_outputs(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Q' d)
+        if head_mask is not None:
+            y = y * head_mask
         return self.o_proj(y, shape)
 
     def _mask(self, T: int, S: int, device: torch.device) -> Tensor | None:
@@ -146,9 +157,12 @@ class MLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.neuron_outputs = nn.Identity()  # tap for hooks: (B, T, F') entering down_proj
 
-    def forward(self, x: Tensor, shape: Shape) -> Tensor:
-        """x: (B, T, H') -> (B, T, H'), through F' neurons."""
+    def forward(self, x: Tensor, shape: Shape, neuron_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, H') -> (B, T, H'), through F' neurons. `neuron_mask` (F',): multiplies the
+        neurons entering down_proj (a MaskedShape's `LayerGates.neurons`)."""
         neurons = self.neuron_outputs(self.act(self.gate_proj(x, shape)) * self.up_proj(x, shape))  # (B, T, F')
+        if neuron_mask is not None:
+            neurons = neurons * neuron_mask
         return self.down_proj(neurons, shape)
 
 
@@ -158,10 +172,21 @@ class RMSNorm(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.ones(config.hidden_size))
 
-    def forward(self, x: Tensor, shape: Shape) -> Tensor:
-        """x: (B, T, H'), normalised over its own H' channels, as the exported model does."""
+    def forward(self, x: Tensor, shape: Shape, hidden_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, H'), normalised over its own H' channels, as the exported model does.
+
+        With `hidden_mask` (H,), a MaskedShape's, x is zero outside the kept channels and is
+        normalised over those only: mean square sum(x^2) / hidden_mask.sum(). The output is zero
+        outside them as x is, so it is not masked again: a second mask factor would leave a
+        dropped channel's gradient zero, m * m having no slope at m = 0. The count of kept
+        channels is a constant of the backward pass: its slope alone, without the slope of
+        sum(x^2), which is zero at a dropped channel, would say that every channel added shrinks
+        the RMS."""
         weight = slice_parameter("norm.weight", self.weight, self.config, shape)
-        return F.rms_norm(x, weight.shape, weight, self.config.rms_norm_eps)
+        if hidden_mask is None:
+            return F.rms_norm(x, weight.shape, weight, self.config.rms_norm_eps)
+        mean_square = x.pow(2).sum(-1, keepdim=True) / hidden_mask.detach().sum()  # (B, T, 1)
+        return x * torch.rsqrt(mean_square + self.config.rms_norm_eps) * weight
 
 
 class DecoderLayer(nn.Module):
@@ -172,10 +197,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], shape: Shape, past: LayerKV | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, shape), rope, shape, past)
-        x = x + self.mlp(self.post_attention_layernorm(x, shape), shape)
-        return x
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        shape: Shape,
+        past: LayerKV | None = None,
+        gates: LayerGates | None = None,
+    ) -> Tensor:
+        """x: (B, T, H') -> (B, T, H'); rope and past as Attention takes them. With `gates` (a
+        MaskedShape's, H' = H) the norms average over the kept channels, heads and neurons are
+        masked, and each branch's output is multiplied by `gates.residual` before it is added."""
+        if gates is None:
+            x = x + self.self_attn(self.input_layernorm(x, shape), rope, shape, past)
+            x = x + self.mlp(self.post_attention_layernorm(x, shape), shape)
+            return x
+        attended = self.self_attn(self.input_layernorm(x, shape, gates.hidden), rope, shape, past, gates.heads)
+        x = x + gates.residual * attended
+        transformed = self.mlp(self.post_attention_layernorm(x, shape, gates.hidden), shape, gates.neurons)
+        return x + gates.residual * transformed
 
 
 class Backbone(nn.Module):
@@ -217,10 +257,8 @@ class ElasticLlama(nn.Module):
     def hidden_states(self, input_ids: Tensor, shape: Shape, cache: KVCache | None = None) -> Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, H'), after the cache's tokens.
         A MaskedShape runs the full model with its masks (H' = H, zero outside the kept channels)."""
-        if isinstance(shape, MaskedShape):
-            if cache is not None:
-                raise AnyshapeError("a MaskedShape trains a router and cannot decode with a KVCache; pass a Shape")
-            return masked_hidden_states(self, input_ids, shape)
+        if isinstance(shape, MaskedShape) and cache is not None:
+            raise AnyshapeError("a MaskedShape trains a router and cannot decode with a KVCache; pass a Shape")
         if cache is not None and cache.shape != shape:
             raise AnyshapeError(
                 f"this KVCache holds keys and values of Shape {cache.shape.to_json()}, not of {shape.to_json()}; "
@@ -228,13 +266,18 @@ class ElasticLlama(nn.Module):
             )
         embedding = slice_parameter("embed_tokens.weight", self.model.embed_tokens.weight, self.config, shape)
         x = F.embedding(input_ids, embedding)  # (B, T, H')
+        hidden_mask: Tensor | None = None  # (H,)
+        gates: Sequence[LayerGates | None] = [None] * self.config.num_hidden_layers  # by the parent's layer index
+        if isinstance(shape, MaskedShape):
+            hidden_mask, gates = shape.hidden_mask, shape.layer_gates(self.config)
+            x = x * hidden_mask
         start = 0 if cache is None else cache.length
         rope = self.rope(input_ids.shape[1], x.dtype, start)
         for i, index in enumerate(shape.layers):
-            x = self.model.layers[index](x, rope, shape, None if cache is None else cache.layers[i])
+            x = self.model.layers[index](x, rope, shape, None if cache is None else cache.layers[i], gates[index])
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.model.norm(x, shape)
+        return self.model.norm(x, shape, hidden_mask)
 
     def lm_head_logits(self, hidden: Tensor, shape: Shape) -> Tensor:
         """hidden (B, T, H') -> logits (B, T, V)."""

@@ -12,24 +12,35 @@ made them (LLaMaFlex):
     norm(x) = x / rms over the kept channels * weight
 
 The residual stream stays zero outside the kept channels, so the root mean square over the
-kept ones is sum(x^2) / H'.
+kept ones is sum(x^2) / H'. ElasticLlama runs a MaskedShape through the same layers as a Shape,
+each given its `LayerGates`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.shape import Shape
 
-if TYPE_CHECKING:
-    from anyshape.model.llama import ElasticLlama, RMSNorm
+
+@dataclass(frozen=True, eq=False)
+class LayerGates:
+    """What one decoder layer multiplies by to run a MaskedShape (all at the parent's widths).
+
+    residual (H,): each branch's output before it joins the residual stream, m_layer[i] * m_hidden;
+    hidden (H,): the kept hidden channels, over which the layer's norms average;
+    heads (Q d,): the attention heads' outputs entering o_proj, each head's d channels alike;
+    neurons (F,): the MLP neurons entering down_proj.
+    """
+
+    residual: Tensor
+    hidden: Tensor
+    heads: Tensor
+    neurons: Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +66,16 @@ class MaskedShape(Shape):
         return cls(full.layers, full.hidden_size, full.num_attention_heads, full.num_key_value_heads,
                    full.intermediate_size, **masks)  # fmt: skip
 
+    def layer_gates(self, config: LlamaFamilyConfig) -> list[LayerGates]:
+        """The gates of each of the parent's L layers, in order."""
+        layers = config.num_hidden_layers
+        heads = self.head_mask.expand(layers, -1).repeat_interleave(config.head_dim, dim=-1)  # (L, Q d)
+        neurons = self.neuron_mask.expand(layers, -1)  # (L, F)
+        return [
+            LayerGates(keep * self.hidden_mask, self.hidden_mask, heads[i], neurons[i])
+            for i, keep in enumerate(self.layer_mask)
+        ]
+
 
 def shape_features(shape: Shape, config: LlamaFamilyConfig) -> Tensor:
     """(5,) the Shape's size on each elastic axis as a fraction of the parent's: depth, hidden,
@@ -70,43 +91,3 @@ def shape_features(shape: Shape, config: LlamaFamilyConfig) -> Tensor:
             shape.intermediate_size / config.intermediate_size,
         ]
     )
-
-
-def masked_hidden_states(model: ElasticLlama, input_ids: Tensor, shape: MaskedShape) -> Tensor:
-    """input_ids (B, T) -> final-normed hidden states (B, T, H), zero outside the kept channels."""
-    hidden = shape.hidden_mask
-    x = model.model.embed_tokens(input_ids) * hidden  # (B, T, H)
-    rope = model.rope(input_ids.shape[1], x.dtype)
-    with _masked_taps(model, shape):
-        for layer, keep in zip(model.model.layers, shape.layer_mask, strict=True):
-            x = x + keep * hidden * layer.self_attn(masked_rms_norm(layer.input_layernorm, x, hidden), rope, shape)
-            x = x + keep * hidden * layer.mlp(masked_rms_norm(layer.post_attention_layernorm, x, hidden), shape)
-    return masked_rms_norm(model.model.norm, x, hidden)
-
-
-def masked_rms_norm(norm: RMSNorm, x: Tensor, hidden: Tensor) -> Tensor:
-    """RMSNorm of x (B, T, H), zero outside the kept channels, over the kept channels only.
-
-    The output is zero outside them as x is, so it is not masked again: a second mask factor
-    would leave a dropped channel's gradient zero, m * m having no slope at m = 0. The count
-    H' is a constant of the backward pass: its slope alone, without the slope of sum(x^2),
-    which is zero at a dropped channel, would say that every channel added shrinks the RMS."""
-    mean_square = x.pow(2).sum(-1, keepdim=True) / hidden.detach().sum()
-    return x * torch.rsqrt(mean_square + norm.config.rms_norm_eps) * norm.weight
-
-
-@contextlib.contextmanager
-def _masked_taps(model: ElasticLlama, shape: MaskedShape) -> Iterator[None]:
-    """Masks the attention heads entering o_proj and the MLP neurons entering down_proj."""
-    layers = model.config.num_hidden_layers
-    heads = shape.head_mask.expand(layers, -1).repeat_interleave(model.config.head_dim, dim=-1)  # (L, Q d)
-    neurons = shape.neuron_mask.expand(layers, -1)  # (L, F)
-    taps: list[tuple[nn.Module, Tensor]] = []
-    for i, layer in enumerate(model.model.layers):
-        taps += [(layer.self_attn.head_outputs, heads[i]), (layer.mlp.neuron_outputs, neurons[i])]
-    handles = [tap.register_forward_hook(lambda _, __, y, m=mask: y * m) for tap, mask in taps]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

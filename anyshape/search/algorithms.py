@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from anyshape.errors import DataError, ShapeError
+from anyshape.files import atomic_write_text
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.search.pareto import non_dominated
 from anyshape.search.space import AXES, SearchSpace
@@ -88,11 +88,7 @@ class SearchResult:
 
     def save(self, path: str | Path) -> None:
         """Writes the JSON file atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, config: LlamaFamilyConfig) -> SearchResult:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anyshape.errors import DataError
+from anyshape.files import atomic_write_text
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.nll import mean_nll
 from anyshape.shape import Shape
@@ -130,10 +130,7 @@ class LatencyTable:
     def save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.partial")
-        tmp.write_text(json.dumps(self.entries, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.entries, indent=1))
 
 
 @torch.inference_mode()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from anyshape.data.text import jsonl_texts, read_text
 from anyshape.errors import DataError, first_line
+from anyshape.files import atomic_file
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -70,7 +69,8 @@ def cached_token_ids(tokenizer: PreTrainedTokenizerBase, source: str | Path, cac
 
     The cache key is a SHA-256 of the source (its files' relative names and bytes, or a dataset's
     name, split and fingerprint) and of the tokenizer (class, name, vocabulary size, end-of-sequence
-    id and full definition), so an edited file or another tokenizer is tokenized afresh.
+    id and full definition), so an edited file or another tokenizer is tokenized afresh. Processes
+    that tokenize the same source at once each rename a complete cache file in (`atomic_file`).
     """
     key = hashlib.sha256()
     _update(key, CACHE_FORMAT.encode())
@@ -91,7 +91,8 @@ def cached_token_ids(tokenizer: PreTrainedTokenizerBase, source: str | Path, cac
     if cache_path.is_file():
         return load_file(cache_path)["input_ids"]
     ids = tokenize_documents(tokenizer, read())
-    _save_atomically(ids, cache_path)
+    with atomic_file(cache_path) as temporary:
+        save_file({"input_ids": ids.contiguous()}, temporary)
     return ids
 
 
@@ -327,16 +328,3 @@ def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> bytes:
     definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     parts = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, definition)
     return repr(parts).encode()
-
-
-def _save_atomically(ids: Tensor, path: Path) -> None:
-    """Writes the (N,) ids to `path` through a uniquely named temporary file and `os.replace`, so
-    concurrent writers (one per process) and interruptions never leave a partial cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(descriptor)
-    try:
-        save_file({"input_ids": ids.contiguous()}, temporary)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)

@@ -42,7 +42,7 @@ KILLS = 5  # per command
 SEED = 2024
 VOLATILE = {"seconds", "tokens_per_s", "latency", "stages"}  # wall-clock timings, and which stages were reused
 UNCOMPARED = {".png", ".md"}  # the plot and the report show measured latency
-WRITE_TEMPORARY = re.compile(r"\.(partial|old)-|\.partial(\.|$)")  # anyshape.files' folders, the stages' files
+WRITE_TEMPORARY = re.compile(r"\.(partial|old)-|\.partial(\.|$)")  # anyshape.files' temporaries, compress's work folder
 
 
 @pytest.fixture(scope="module")

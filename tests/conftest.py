@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,26 @@ def smollm2_tokenizer():
     import anyshape
 
     return anyshape.load_tokenizer("smollm2-135m")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: str | Path) -> None:
+    """`path` is a whole PNG image that shows something: the signature, an IHDR chunk first with
+    a nonzero width and height, and (decoded with matplotlib) pixels of more than one colour."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG file"
+    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
+    assert kind == b"IHDR" and length == 13, f"{path}: the first chunk is not IHDR"
+    assert width > 0 and height > 0, f"{path} is {width}x{height} pixels"
+    assert data.endswith(b"IEND\xaeB`\x82"), f"{path} is cut short (no IEND chunk)"
+    try:
+        from matplotlib.image import imread
+    except ImportError:  # no decoder: a blank image compresses to almost nothing
+        assert len(data) > 2_000, f"{path} holds {len(data)} bytes, too few for a plot"
+        return
+    pixels = imread(path)
+    assert pixels.shape[:2] == (height, width), f"{path} decodes to {pixels.shape}, its header says {width}x{height}"
+    colours = pixels.reshape(-1, pixels.shape[-1] if pixels.ndim == 3 else 1)
+    assert (colours != colours[0]).any(), f"{path} is blank: every pixel has one colour"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
@@ -127,3 +130,58 @@ def assert_png(path: str | Path) -> None:
     assert pixels.shape[:2] == (height, width), f"{path} decodes to {pixels.shape}, its header says {width}x{height}"
     colours = pixels.reshape(-1, pixels.shape[-1] if pixels.ndim == 3 else 1)
     assert (colours != colours[0]).any(), f"{path} is blank: every pixel has one colour"
+
+
+def hf_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored token) of each window of the sliding-window protocol
+    (docs/evaluate.md), written out again here so that the reference does not use anyshape's."""
+    end = min(window, num_tokens)
+    spans = [(0, end, 1)]
+    while end < num_tokens:
+        new_end = min(end + stride, num_tokens)
+        start = max(0, new_end - window)
+        spans.append((start, new_end, max(end, start + 1)))
+        end = new_end
+    return spans
+
+
+@torch.no_grad()
+def reference_perplexity(
+    model_dir: str | Path,
+    text: str | torch.Tensor,
+    window: int = 512,
+    stride: int | None = None,
+    max_tokens: int = 32_768,
+    layers: tuple[int, ...] | None = None,
+) -> float:
+    """The perplexity of the checkpoint in `model_dir` computed with `transformers` alone
+    (AutoModelForCausalLM, AutoTokenizer), one window at a time: exp of the mean next-token NLL.
+
+    `text` a string: its first `max_tokens` tokens (no special tokens) by the sliding-window
+    protocol of `anyshape evaluate` (windows of `window` tokens every `stride`, each token after
+    the first scored once). `text` token rows (N, S): every position after the first of each row.
+    `layers`: keep only those decoder layers (the full width), as a depth selection does."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if layers is not None:
+        model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in layers)
+        model.config.num_hidden_layers = len(layers)
+    if isinstance(text, str):
+        ids = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        ids = torch.tensor(ids)
+        spans = hf_windows(len(ids), window, stride or window)
+        pieces = [(ids[start:end], first - start) for start, end, first in spans]
+    else:
+        pieces = [(row, 1) for row in text]
+    nll, count = 0.0, 0
+    for piece, first in pieces:
+        logits = model(piece[None], use_cache=False).logits[0].float()
+        nll += F.cross_entropy(logits[first - 1 : -1], piece[first:], reduction="sum").item()
+        count += len(piece) - first
+    return math.exp(nll / count)
+
+
+@pytest.fixture(scope="session")
+def hf_perplexity():
+    """hf_perplexity(model_dir, text, window=512, stride=window, max_tokens=32768, layers=None):
+    reference_perplexity, the independent computation a reported perplexity must match."""
+    return reference_perplexity

@@ -83,6 +83,7 @@ def test_changed_settings_need_overwrite_and_reuse_unchanged_stages(capsys, tiny
     assert not reused["search-0.5"] and not reused["search-0.8"]
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path):
     out = tmp_path / "family"
     command = [sys.executable, "-m", "anyshape", "compress", str(tiny_dir(PARENT)), "--out", str(out),
@@ -181,6 +182,7 @@ def test_bad_search_options(capsys, tiny_dir, tmp_path, args, words):
     assert_bad_input(capsys, ["search", tiny_dir(PARENT), "--out", tmp_path / "p.json", *args], *words)
 
 
+@pytest.mark.integration
 def test_the_member_is_the_best_compensated_candidate(tiny_dir, text, tmp_path):
     settings = CompressSettings(
         **{**SETTINGS.__dict__, "data": str(text), "compensate": "on", "trials": 2, "candidates": 5}

@@ -132,6 +132,7 @@ def test_a_run_with_a_frozen_teacher_resumes_exactly(settings):  # noqa: F811
     assert_same_state(anyshape.load(settings.out), anyshape.load(reference.out))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_two_processes_with_a_frozen_teacher_train_like_one(settings, distributed):  # noqa: F811
     settings = replace(settings, steps=3, grad_accum=2, distributed=distributed, teacher="parent", kd="forward-kl")

@@ -20,6 +20,18 @@ from transformers import (
     Qwen2Config,
 )
 
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Tests on the tiny models run on one thread (their fixtures too): their matrices are too
+    small to gain from more, and where another process uses the cores too, two sets of OpenMP
+    threads waiting on each other made the fast run several times slower (11 minutes instead of
+    2 beside a training run). Tests marked slow, on the real SmolLM2, keep torch's default."""
+    torch.set_num_threads(DEFAULT_THREADS if item.get_closest_marker("slow") else 1)
+
+
 TINY = dict(
     vocab_size=256,
     hidden_size=64,

@@ -182,7 +182,6 @@ def test_bad_search_options(capsys, tiny_dir, tmp_path, args, words):
     assert_bad_input(capsys, ["search", tiny_dir(PARENT), "--out", tmp_path / "p.json", *args], *words)
 
 
-@pytest.mark.integration
 def test_the_member_is_the_best_compensated_candidate(tiny_dir, text, tmp_path):
     settings = CompressSettings(
         **{**SETTINGS.__dict__, "data": str(text), "compensate": "on", "trials": 2, "candidates": 5}

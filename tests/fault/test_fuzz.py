@@ -38,6 +38,8 @@ from anyshape.train.domains import parse_domains, read_reference_losses
 from anyshape.train.settings import TrainSettings, read_settings
 from tests.fault import tally
 
+pytestmark = pytest.mark.integration  # hundreds of generated inputs: the fast run leaves them out
+
 TINY = "llama-mha-tied"  # 4 layers, hidden 64, 4 heads in 4 KV groups, MLP 96
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FEW = settings(FUZZ, max_examples=12)

@@ -280,6 +280,7 @@ def kill_and_resume(command: Command, tmp_path: Path, env: dict[str, str]) -> No
 # The four commands
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_compress_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tmp_path, environment):
     args = [
@@ -303,6 +304,7 @@ def test_compress_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text,
 TRAIN = ["--seq-len", "32", "--save-every", "2", "--eval-every", "4"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_train_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tmp_path, environment):
     args = [
@@ -317,6 +319,7 @@ def test_train_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tm
     kill_and_resume(Command(args, resume, [checkpoint], final=["run"]), tmp_path, environment)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_prune_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tmp_path, environment):
     target = {
@@ -338,6 +341,7 @@ def test_prune_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tm
     kill_and_resume(Command(args, resume, outputs, final=["pruned"]), tmp_path, environment)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_share_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text, tmp_path, environment):
     args = [

@@ -98,6 +98,7 @@ def test_stop_tokens_come_from_the_tokenizer_and_the_config(chat_model):
     assert stop_tokens(tokenizer, model) == {198, 2}  # "\n" from the tokenizer, 2 from config.json
 
 
+@pytest.mark.integration
 def test_interactive_chat_in_a_terminal(chat_model):
     """Drives `anyshape chat MODEL` through a pseudo-terminal: a message, its answer, /exit."""
     expected = "".join(Chat(anyshape.load(chat_model), anyshape.load_tokenizer(chat_model)).reply("Hi", 8))

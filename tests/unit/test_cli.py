@@ -344,7 +344,7 @@ def test_info_text_of_a_shape(capsys, tiny_dir):
     assert lines["hidden_size"] == "32"
 
 
-def test_extract_then_eval(capsys, tiny_dir, tmp_path):
+def test_extract_then_eval(capsys, tiny_dir, tmp_path, hf_perplexity):
     parent = tiny_dir(PARENT)
     out = tmp_path / "small"
     shape = '{"layers": [0, 2, 3], "hidden_size": 48, "num_attention_heads": 4, "intermediate_size": 64}'
@@ -362,7 +362,10 @@ def test_extract_then_eval(capsys, tiny_dir, tmp_path):
     status, stdout, err = run(capsys, "eval", out, *protocol)
     assert status == 0, err
     evaluated = json.loads(stdout)
-    assert math.isfinite(evaluated["perplexity"]) and evaluated["perplexity"] > 1
+    # The perplexity transformers gives the exported folder by the same protocol, and exp of the mean NLL.
+    reference = hf_perplexity(out, text_file(tmp_path).read_text(), window=32, stride=16, max_tokens=128)
+    assert evaluated["perplexity"] == pytest.approx(reference, rel=1e-4)
+    assert evaluated["perplexity"] == pytest.approx(math.exp(evaluated["nll"]), rel=1e-6)
     assert evaluated["num_parameters"] == extracted["num_parameters"]
     assert (evaluated["window"], evaluated["stride"]) == (32, 16)
     assert evaluated["tokens"] == 127  # every token after the first, once

@@ -18,6 +18,7 @@ import anyshape
 from anyshape.compress.baselines import single_axis_shapes
 from anyshape.compress.pipeline import CompressSettings, compress
 from anyshape.search.pareto import dominates
+from tests.conftest import assert_png
 from tests.unit.test_cli import assert_bad_input, run
 
 PARENT = "llama3-gqa"  # 4 layers, hidden 64, 8 query heads in 2 KV groups, MLP 96, untied
@@ -47,7 +48,7 @@ def test_family_members_reload_with_the_reported_parameter_counts(capsys, tiny_d
     summary = json.loads((out / "summary.json").read_text())
     assert [m["folder"] for m in summary["members"]] == ["0.5", "0.8"]
     assert (out / "report.md").read_text().startswith("# ")
-    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert_png(out / "pareto.png")
     assert not list(tmp_path.glob(".*partial*")), "the work folder must become the family"
     parent = anyshape.load(tiny_dir(PARENT))
     full = parent.full_shape.num_parameters(parent.config)
@@ -82,6 +83,7 @@ def test_changed_settings_need_overwrite_and_reuse_unchanged_stages(capsys, tiny
     assert not reused["search-0.5"] and not reused["search-0.8"]
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path):
     out = tmp_path / "family"
     command = [sys.executable, "-m", "anyshape", "compress", str(tiny_dir(PARENT)), "--out", str(out),
@@ -162,7 +164,7 @@ def test_search_command_writes_a_front_within_the_bounds(capsys, tiny_dir, text,
     front = [(row["params"], row["flops"], row["ppl"]) for row in result["pareto_front"]]
     assert front and not any(dominates(a, b) for a in front for b in front)
     assert json.loads(stdout)["pareto_front"] == result["pareto_front"]
-    assert out.with_suffix(".png").is_file()
+    assert_png(out.with_suffix(".png"))
 
 
 @pytest.mark.parametrize(

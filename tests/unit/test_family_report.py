@@ -17,7 +17,7 @@ from anyshape.deploy.report import ReportSettings, family_report, write_family_r
 from anyshape.deploy.speed import SpeedSettings
 from anyshape.evaluate.harness import evaluate_tasks
 from anyshape.evaluate.perplexity import perplexity, tokenize
-from tests.conftest import byte_tokenizer
+from tests.conftest import assert_png, byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run, text_file
 from tests.unit.test_harness import CHOICE, DOCS, TASK_YAML
 
@@ -96,7 +96,7 @@ def test_files_are_written_whole_or_not_at_all(measured, tmp_path, monkeypatch):
     paths = write_family_report(measured, tmp_path / "r.md")
     assert [p.name for p in paths] == ["r.md", "r.json", "r.png"]
     assert json.loads(paths[1].read_text()) == as_json(measured)
-    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(paths[2])
     with pytest.raises(anyshape.AnyshapeError, match="already exists"):
         write_family_report(measured, tmp_path / "r.md")
 
@@ -126,7 +126,7 @@ def test_command_writes_one_table_json_and_plot(capsys, family, tasks, text, mea
     assert asked == [(family, settings)]
     record = json.loads(out)
     assert record == json.loads((family / "deploy-report.json").read_text()) == as_json(measured)
-    assert (family / "deploy-report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(family / "deploy-report.png")
     table = [line for line in (family / "deploy-report.md").read_text().splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header == [

@@ -271,7 +271,9 @@ def test_bad_task_arguments(capsys, tiny_dir, task_folder, tmp_path, args, words
     assert_bad_input(capsys, ["evaluate", tiny_dir(PARENT), *[replace.get(arg, arg) for arg in args]], *words)
 
 
-def test_evaluate_prints_perplexity_and_task_metrics(capsys, tiny_dir, task_folder, tmp_path, monkeypatch):
+def test_evaluate_prints_perplexity_and_task_metrics(
+    capsys, tiny_dir, task_folder, tmp_path, monkeypatch, hf_perplexity
+):
     monkeypatch.chdir(tmp_path)
     folder = tiny_dir(PARENT)
     model, tokenizer = anyshape.load(folder), anyshape.load_tokenizer(folder)
@@ -291,7 +293,10 @@ def test_evaluate_prints_perplexity_and_task_metrics(capsys, tiny_dir, task_fold
         ("parent_answer", "acc"): answer_acc,
     }
     assert record["samples"] == {"parent_choice": 5, "parent_answer": 5}
-    assert record["perplexity"] > 1 and record["shape"]["layers"] == SHAPE["layers"]
+    assert record["shape"]["layers"] == SHAPE["layers"]
+    anyshape.export_hf(model, shape, tmp_path / "shape", tokenizer=tokenizer)  # the Shape, read by transformers
+    reference = hf_perplexity(tmp_path / "shape", text_file(tmp_path).read_text(), window=32, max_tokens=64)
+    assert record["perplexity"] == pytest.approx(reference, rel=1e-4)
 
     status, out, err = run(capsys, "evaluate", folder, *tasks[:4], "--limit", 2)  # tasks alone: a table
     assert status == 0, err

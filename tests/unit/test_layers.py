@@ -16,12 +16,14 @@ def model(tiny_dir):
 
 
 @pytest.mark.parametrize("method", ["dp", "bi", "drop"])
-def test_every_depth_keeps_k_distinct_ordered_layers(model, method):
+def test_every_depth_keeps_k_distinct_ordered_layers(model, method, tiny_dir, hf_perplexity):
     selection = select_layers(model, CALIBRATION, method)
     assert sorted(selection.layers) == [1, 2, 3, 4]
     for k, layers in selection.layers.items():
         assert len(layers) == k and list(layers) == sorted(set(layers)) and all(0 <= i < 4 for i in layers)
-        assert selection.perplexity[k] > 0
+        # the calibration perplexity of the parent keeping those layers, as transformers computes it
+        reference = hf_perplexity(tiny_dir("llama3-gqa"), CALIBRATION, layers=layers)
+        assert selection.perplexity[k] == pytest.approx(reference, rel=1e-5), k
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -40,6 +40,7 @@ def prune_settings(settings):  # noqa: F811
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_expected_sizes_reach_the_target_on_the_loop(prune_settings):
     train(prune_settings, controller=PruningControl)
     history = [record["prune"] for record in iterate_metrics(Path(prune_settings.out)) if "prune" in record]
@@ -68,6 +69,7 @@ def _assert_same_pruning(a: Path, b: Path) -> None:
         assert_same_state(load_companion(a, name, module()), load_companion(b, name, module()), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_two_processes_prune_like_one(prune_settings):
     prune_settings = replace(prune_settings, steps=3, grad_accum=2, save_every=3, eval_every=3)
     single = train_in_one_and_two_processes(prune_settings, PruningControl)

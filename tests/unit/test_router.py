@@ -169,6 +169,7 @@ def router_settings(settings):  # noqa: F811
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_trained_router_meets_its_anchors_and_grows_with_the_budget(router_settings):
     train(router_settings, controller=RouterControl)
     router = load_router(Path(router_settings.out))
@@ -214,6 +215,7 @@ def test_settling_puts_interpolated_centres_between_the_anchors_and_keeps_the_an
     torch.testing.assert_close(settled, trained, atol=1e-3, rtol=0)
 
 
+@pytest.mark.integration
 def test_router_and_modulation_resume_exactly(router_settings):
     run_settings = replace(router_settings, router_only=False, modulation=True, steps=6, save_every=3, eval_every=3)
     reference = train_interrupted_and_resumed(run_settings, 4, RouterControl)
@@ -225,6 +227,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert_same_state(load_router(a), load_router(b), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_two_processes_train_the_same_router_as_one(router_settings):
     run_settings = replace(
         router_settings, router_only=False, steps=3, grad_accum=2, save_every=3, eval_every=3, router_lr=0.003

@@ -12,6 +12,7 @@ from anyshape.search.algorithms import SearchResult, search
 from anyshape.search.objectives import LatencyTable, Quality, cost_functions
 from anyshape.search.pareto import dominates, non_dominated, plot_front
 from anyshape.search.space import SearchSpace, aligned_widths, parse_fractions
+from tests.conftest import assert_png
 
 CALIBRATION = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -131,7 +132,7 @@ def test_plot_writes_a_png(model, space, tmp_path):
     result = search(space, Quality(model, CALIBRATION), cost_functions(model), ("params", "flops"), "random", 5)
     rows = [t.to_dict("ppl") for t in result.trials]
     plot_front(rows, [t.to_dict("ppl") for t in result.front()], ["params", "flops"], "ppl", tmp_path / "p.png")
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert_png(tmp_path / "p.png")
 
 
 def test_bad_requests(model, space):

@@ -266,6 +266,7 @@ def _share_as_rank(rank: int, world_size: int, port: int, settings: ShareSetting
     share(settings)
 
 
+@pytest.mark.integration
 def test_two_processes_share_like_one(tiny_dir, text, tmp_path):
     settings = ShareSettings(
         model=str(tiny_dir(PARENT)), plan=TWO, out=str(tmp_path / "two"), data=str(text), seq_len=32,

@@ -20,7 +20,7 @@ from anyshape.deploy.speed import (
     llama_cpp_missing,
 )
 from anyshape.export.gguf import export_gguf
-from tests.conftest import byte_tokenizer
+from tests.conftest import assert_png, byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run
 from tests.unit.test_gguf import bpe_tokenizer
 
@@ -101,7 +101,7 @@ def test_bench_a_shape_writes_json_csv_and_plot(capsys, tiny_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "speed.csv")))
     assert [row["runtime"] for row in rows] == [r["runtime"] for r in record["results"]]
     assert float(rows[0]["decode_tok_s_median"]) == pytest.approx(record["results"][0]["decode"]["median"])
-    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(tmp_path / "s.png")
 
 
 def test_bench_a_family_measures_every_member(capsys, tiny_dir, tmp_path):
@@ -123,6 +123,7 @@ def test_bench_a_family_measures_every_member(capsys, tiny_dir, tmp_path):
     status, out, err = run(capsys, "bench", family, *FAST, "--json", "--plot", tmp_path / "family.png")
     assert status == 0, err
     assert_measured(json.loads(out), ["0.5", "0.25"])
+    assert_png(tmp_path / "family.png")
 
     shutil.rmtree(family / "0.25")
     assert_bad_input(capsys, ["bench", family, *FAST], "not a complete family", "0.25", "config.json")

@@ -73,7 +73,7 @@ def compress_command(
         int,
         typer.Option(
             help="Tokens of the elastic training that every member comes from, distilled from the frozen parent "
-            "(about 10 minutes on a 2-core CPU by default; on a GPU use 100M or more). 0: a zero-shot family.",
+            "(about 5 minutes on a 2-core CPU by default; on a GPU use 100M or more). 0: a zero-shot family.",
             min=0,
             rich_help_panel=TRAINING,
         ),
@@ -96,7 +96,7 @@ def compress_command(
     Stages: importance scores, exact sorting, layer ranking, a search per budget (the best
     Shape by proxy perplexity within the budget), one elastic training of the sorted model in
     which those Shapes and samples of every size learn from the frozen parent (kept as
-    OUT/elastic/, a model every command takes), the search again on the trained weights,
+    OUT/elastic/, a model every command takes), the search's best Shapes ranked again on it,
     calibrated compensation when it helps, export (OUT/<budget>/, loadable by transformers),
     perplexity and latency of every member against the single-axis heuristics (MLP-only,
     hidden-only, depth-only) at the same budget and against its zero-shot Shape, and

@@ -118,6 +118,15 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def remove_file_leftovers(folder: Path) -> None:
+    """Removes the temporaries that writers killed mid-write (SIGKILL, power loss) left in
+    `folder` (`.NAME.partial-*` files of `atomic_file`). Only for a folder that one process
+    writes: another process's temporary may be a write still under way."""
+    for temporary in folder.glob(".*.partial-*"):
+        if temporary.is_file():
+            temporary.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Writes `text` to `path` through `atomic_file`."""
     with atomic_file(path) as temporary:

@@ -16,6 +16,7 @@ from anyshape.extras import require
 from anyshape.search.space import parse_fractions
 
 DEFAULTS = CompressSettings()
+TRAINING = "Training (the elastic run the members come from)"
 
 
 @app.command("compress")
@@ -68,6 +69,24 @@ def compress_command(
         DEFAULTS.eval_tokens
     ),
     dtype: Annotated[str, typer.Option(help="Exported weights: float32, bfloat16 or float16.")] = DEFAULTS.dtype,
+    train_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Tokens of the elastic training that every member comes from, distilled from the frozen parent "
+            "(about 5 minutes on a 2-core CPU by default; on a GPU use 100M or more). 0: a zero-shot family.",
+            min=0,
+            rich_help_panel=TRAINING,
+        ),
+    ] = DEFAULTS.train_tokens,
+    train_seq_len: Annotated[
+        int, typer.Option(help="Tokens per training sequence.", min=2, rich_help_panel=TRAINING)
+    ] = DEFAULTS.train_seq_len,
+    train_batch_size: Annotated[
+        int, typer.Option(help="Sequences per training step.", min=1, rich_help_panel=TRAINING)
+    ] = DEFAULTS.train_batch_size,
+    train_lr: Annotated[
+        float, typer.Option(help="Peak learning rate (warmup, then cosine).", min=0, rich_help_panel=TRAINING)
+    ] = DEFAULTS.train_lr,
     seed: SeedOpt = 0,
     overwrite: overwrite_option("Replace OUT if it holds a family made with other settings.") = False,
     as_json: JsonOpt = False,
@@ -75,18 +94,25 @@ def compress_command(
     """Compress MODEL into a family of smaller standard models, one per budget.
 
     Stages: importance scores, exact sorting, layer ranking, a search per budget (the best
-    Shape by proxy perplexity within the budget), calibrated compensation when it helps,
-    export (OUT/<budget>/, loadable by transformers), perplexity and latency of every member
-    against the single-axis heuristics (MLP-only, hidden-only, depth-only) at the same budget,
-    and OUT/report.md, OUT/pareto.png, OUT/summary.json.
+    Shape by proxy perplexity within the budget), one elastic training of the sorted model in
+    which those Shapes and samples of every size learn from the frozen parent (kept as
+    OUT/elastic/, a model every command takes), the search's best Shapes ranked again on it,
+    calibrated compensation when it helps, export (OUT/<budget>/, loadable by transformers),
+    perplexity and latency of every member against the single-axis heuristics (MLP-only,
+    hidden-only, depth-only) at the same budget and against its zero-shot Shape, and
+    OUT/report.md, OUT/pareto.png, OUT/summary.json.
 
     Re-running with the same OUT resumes: finished stages whose inputs are unchanged are
-    reused, so an interrupted run loses at most the stage it was in.
+    reused, so an interrupted run loses at most the stage it was in (training: at most an
+    eighth of it, from its last checkpoint).
 
     \b
     Examples:
       anyshape compress smollm2-135m
       anyshape compress smollm2-135m --budgets 0.25,0.5,0.75 --out family/
+      anyshape compress smollm2-135m --train-tokens 0          # zero-shot: no training
+      anyshape compress MODEL --data corpus.txt --train-tokens 200000000   # on a GPU
+      anyshape extract family/elastic --shape '{"intermediate_size": 768}' --out m/
     """
     try:
         budget_values = tuple(float(b) for b in budgets.split(","))
@@ -117,6 +143,10 @@ def compress_command(
         eval_tokens=eval_tokens,
         seed=seed,
         dtype=dtype,
+        train_tokens=train_tokens,
+        train_seq_len=train_seq_len,
+        train_batch_size=train_batch_size,
+        train_lr=train_lr,
     )
     summary = compress(model, out, settings, overwrite, log=lambda message: print(message, file=sys.stderr))
     record = {

@@ -5,6 +5,10 @@ Stages, each resumable (`compress.stages`):
     layers     a ranking of the layers (block importance from the scores, or `drop` / `dp`)
     search-B   for each budget B, a search of the Shapes of the sorted model within
                [(1 - band) B, B] parameters, minimising proxy perplexity
+    train      (train_tokens > 0) one elastic run of the sorted parent, its students the best
+               Shape of each search and samples of the search space, distilled from the frozen
+               parent (`compress.training`); kept as OUT/elastic/, the members' model
+    search-trained-B   the search's best Shapes ranked again on the trained weights
     member-B   the candidates with the lowest proxy perplexity (the search's Shapes and the
                single-axis heuristics at B) are compensated; the best on held-out windows,
                compensated when that helps, is exported
@@ -13,9 +17,10 @@ Stages, each resumable (`compress.stages`):
     report     report.md, pareto.png and summary.json
 
 The text is split by tokens: the first `eval_tokens` are the evaluation split; the rest is cut
-in two halves, the first for scores and compensation, the second for the search proxy and the
-check of compensation. The family is built in `.<name>.partial/` beside OUT and renamed to OUT
-when complete, so OUT never holds a half-written family.
+in two halves, the first for scores, compensation and training, the second for the search proxy,
+the check of compensation and training's held-out perplexity. The family is built in
+`.<name>.partial/` beside OUT and renamed to OUT when complete, so OUT never holds a
+half-written family.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,17 @@ from anyshape.compress.baselines import single_axis_shapes
 from anyshape.compress.compensate import RIDGE, compensate
 from anyshape.compress.report import write_report
 from anyshape.compress.stages import StageCache, input_hash, model_identity, write_json
+from anyshape.compress.training import (
+    HELD_OUT_TEXT,
+    KD,
+    RANDOM_SHAPES,
+    TRAIN_TEXT,
+    ElasticTraining,
+    elastic_run_settings,
+    ranked_scores,
+    train_elastic,
+    write_texts,
+)
 from anyshape.data.calibration import random_windows
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
 from anyshape.errors import AnyshapeError, DataError, ShapeError
@@ -46,7 +62,7 @@ from anyshape.export.hf import export_hf
 from anyshape.files import clear_leftovers, publish_directory
 from anyshape.importance.layers import select_layers
 from anyshape.importance.permute import sort_
-from anyshape.importance.scores import Scores, score
+from anyshape.importance.scores import SCORES_FILENAME, Scores, score
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.nll import mean_nll
@@ -58,6 +74,9 @@ from anyshape.shape import Shape
 from anyshape.version import __version__
 
 BASES = ("total", "non-embedding")
+DEFAULT_TRAIN_TOKENS = 10_240  # 10 steps of 4 x 256: about 5 minutes on a 2-core CPU
+RESCORED = 10  # the zero-shot search's best Shapes per budget, evaluated again on the trained weights
+ELASTIC = "elastic"  # OUT/elastic/: the trained elastic model every member is cut from
 COMPENSATION_MODES = ("auto", "on", "off")
 DEPTH_METHODS = ("bi", "drop", "dp")
 SUMMARY = "summary.json"
@@ -86,6 +105,15 @@ class CompressSettings:
     eval_tokens: int = 8192
     seed: int = 0
     dtype: str = "float32"  # of the exported weights
+    train_tokens: int = DEFAULT_TRAIN_TOKENS  # of the elastic run; 0: a zero-shot family, no training
+    train_seq_len: int = 256
+    train_batch_size: int = 4  # sequences per optimizer step
+    train_lr: float = 3e-4
+
+    def elastic_training(self) -> ElasticTraining:
+        return ElasticTraining(
+            self.train_tokens, self.train_seq_len, self.train_batch_size, self.train_lr, RANDOM_SHAPES, KD, self.seed
+        )
 
     def check(self) -> CompressSettings:
         """Returns self, or raises an AnyshapeError naming the bad setting and its allowed values."""
@@ -105,6 +133,13 @@ class CompressSettings:
             raise AnyshapeError(f"align={self.align} must be at least 1 (1: widths of any size)")
         if self.candidates < 1:
             raise AnyshapeError(f"candidates={self.candidates} must be at least 1 (1: the search's best Shape only)")
+        if self.train_tokens < 0:
+            raise AnyshapeError(f"train_tokens={self.train_tokens} must be 0 (no training) or more")
+        for name in ("train_seq_len", "train_batch_size"):
+            if getattr(self, name) < (2 if name == "train_seq_len" else 1):
+                raise AnyshapeError(f"{name}={getattr(self, name)} is too small")
+        if not self.train_lr > 0:
+            raise AnyshapeError(f"train_lr={self.train_lr} must be positive")
         return self
 
 
@@ -118,10 +153,13 @@ class Context:
     stages: StageCache
     log: Callable[[str], None]
     identity: dict[str, Any]
-    fit_ids: Tensor = field(init=False)  # (N, S) calibration windows for scores and compensation
-    check_ids: Tensor = field(init=False)  # (M, S') held-out windows: search proxy, compensation check
+    fit_split: Tensor = field(init=False)  # (T1,) tokens for scores, compensation and training
+    check_split: Tensor = field(init=False)  # (T2,) held-out tokens: search proxy, compensation check
+    fit_ids: Tensor = field(init=False)  # (N, S) calibration windows of the fit split
+    check_ids: Tensor = field(init=False)  # (M, S') windows of the check split
     eval_ids: Tensor = field(init=False)  # (T,) the evaluation split
-    model: ElasticLlama | None = None  # loaded on first use, then sorted
+    model: ElasticLlama | None = None  # the parent: loaded on first use, then sorted
+    trained: ElasticLlama | None = None  # the elastic run's model, once the train stage is done
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def parent_params(self) -> int:
@@ -164,11 +202,18 @@ def compress(
 
     scores, scores_key = run_scores(context)
     ranking, layers_key = run_layers(context, scores, scores_key)
+    searches = {budget: run_search(context, budget, ranking, layers_key) for budget in settings.budgets}
+    zero_shot = {budget: candidates(context, budget, result, ranking)[0][1] for budget, (result, _) in searches.items()}
+    if settings.train_tokens:
+        weights_key = run_train(context, work, scores, ranking, layers_key, list(zero_shot.values()))
+        searches = {
+            budget: run_rescore(context, budget, result, search_key, weights_key)
+            for budget, (result, search_key) in searches.items()
+        }
     members = []
-    for budget in settings.budgets:
-        result, search_key = run_search(context, budget, ranking, layers_key)
+    for budget, (result, search_key) in searches.items():
         member, member_key = run_member(context, work, budget, result, search_key, ranking)
-        members.append(run_eval(context, work, budget, member, member_key, ranking))
+        members.append(run_eval(context, work, budget, member, member_key, ranking, zero_shot[budget]))
     dense = run_dense(context)
     summary = {
         "anyshape_version": __version__,
@@ -177,6 +222,7 @@ def compress(
         "settings": asdict(settings),
         "data": settings.data or DEFAULT_TEXT_NAME,
         "members": members,
+        **({"training": context.stages.read("train")} if settings.train_tokens else {}),
         "stages": context.timings,
     }
     write_pareto_plot(context, work / "pareto.png")
@@ -216,8 +262,9 @@ def split_tokens(context: Context) -> None:
         )
     middle = s.eval_tokens + (len(ids) - s.eval_tokens) // 2
     context.eval_ids = ids[: s.eval_tokens]
-    context.fit_ids = random_windows(ids[s.eval_tokens : middle], s.num_sequences, s.sequence_length, s.seed)
-    context.check_ids = random_windows(ids[middle:], s.search_sequences, s.search_length, s.seed + 1)
+    context.fit_split, context.check_split = ids[s.eval_tokens : middle], ids[middle:]
+    context.fit_ids = random_windows(context.fit_split, s.num_sequences, s.sequence_length, s.seed)
+    context.check_ids = random_windows(context.check_split, s.search_sequences, s.search_length, s.seed + 1)
 
 
 def model(context: Context) -> ElasticLlama:
@@ -226,6 +273,11 @@ def model(context: Context) -> ElasticLlama:
         context.log(f"loading {context.model_ref}")
         context.model = load(context.model_ref)
     return context.model
+
+
+def members_model(context: Context) -> ElasticLlama:
+    """The model the members are cut from: the elastic run's once it is done, else the parent."""
+    return context.trained if context.trained is not None else model(context)
 
 
 def _timed(context: Context, stage: str, reused: bool, started: float) -> None:
@@ -274,6 +326,52 @@ def run_layers(context: Context, scores: Scores, scores_key: str) -> tuple[list[
     return ranking, key
 
 
+def run_train(
+    context: Context, work: Path, scores: Scores, ranking: list[int], layers_key: str, members: list[Shape]
+) -> str:
+    """The elastic run (`compress.training`) of the sorted parent on the fit split, held out on
+    the check split; its model is kept as OUT/elastic/ (with the ranked scores beside it, so that
+    `search` and `train` use compress's layer ranking) and becomes the members' model. Killed
+    mid-run, it resumes from its last checkpoint. Returns the stage's key."""
+    s, started = context.settings, time.perf_counter()
+    training = s.elastic_training()
+    key = input_hash(
+        layers=layers_key, members=[m.to_dict() for m in members], training=asdict(training), data=s.data,
+        eval_tokens=s.eval_tokens, fractions=s.fractions, align=s.align, dtype=s.dtype,
+    )  # fmt: skip
+    folder = work / ELASTIC
+    reused = context.stages.done("train", key) and folder.is_dir()
+    if not reused:
+        tokenizer = load_tokenizer(context.model_ref)
+        parent, texts, run = (context.stages.path(name, "") for name in ("sorted-parent", "train-text", "train-run"))
+        export_hf(model(context), Shape.full(context.config), parent, tokenizer, overwrite=True)
+        write_texts(
+            texts,
+            {TRAIN_TEXT: tokenizer.decode(context.fit_split.tolist()),
+             HELD_OUT_TEXT: tokenizer.decode(context.check_split.tolist())},
+        )  # fmt: skip
+        run_settings = elastic_run_settings(training, parent, texts, run, members, s.fractions, s.align)
+        trained, held_out = train_elastic(run_settings, context.log)
+        export_hf(
+            trained.to(getattr(torch, s.dtype)), trained.full_shape, folder, tokenizer, context.model_ref,
+            overwrite=True, extra={"elastic": True, "train_tokens": training.trained_tokens},
+        )  # fmt: skip
+        ranked_scores(scores, ranking).save(folder / SCORES_FILENAME)
+        record = {
+            "tokens": training.trained_tokens,
+            "steps": training.steps,
+            "seconds": round(time.perf_counter() - started, 1),
+            "held_out_ppl": held_out,  # {"before": {slot: ppl}, "after": ...} on the check split
+        }
+        context.stages.save("train", key, record)
+        for leftover in (run, parent, texts):  # OUT/elastic/ holds what is kept
+            shutil.rmtree(leftover, ignore_errors=True)
+    context.log(f"loading the elastic model {folder}")
+    context.trained = load(folder)
+    _timed(context, "train", reused, started)
+    return key
+
+
 def ranking_from_nested(layers: dict[int, tuple[int, ...]], num_layers: int) -> list[int]:
     """A ranking (most important first) from kept sets per depth: a layer ranks by the smallest
     depth whose set keeps it (DP sets need not be nested; each depth's set still comes first)."""
@@ -316,6 +414,28 @@ def run_search(context: Context, budget: float, ranking: list[int], layers_key: 
     return result, key
 
 
+def run_rescore(
+    context: Context, budget: float, result: SearchResult, search_key: str, weights_key: str
+) -> tuple[SearchResult, str]:
+    """The search again on the trained weights: the zero-shot search's RESCORED best Shapes (the
+    trained member among them) evaluated anew on the check windows. Training changes which is
+    best; re-ranking the zero-shot search's best costs a quarter of a new search."""
+    started = time.perf_counter()
+    stage = f"search-trained-{budget:g}"
+    key = input_hash(search=search_key, weights=weights_key, rescored=RESCORED)
+    reused = context.stages.done(stage, key)
+    if not reused:
+        context.log(f"[{stage}] the zero-shot search's {RESCORED} best Shapes on the trained weights")
+        quality = Quality(members_model(context), context.check_ids)
+        best = sorted(result.trials, key=lambda trial: trial.quality)[:RESCORED]
+        trials = [replace(trial, quality=quality(trial.shape)) for trial in best]
+        replace(result, trials=trials, algorithm=f"{result.algorithm}, rescored").save(context.stages.path(stage))
+        context.stages.finish(stage, key)
+    rescored = SearchResult.load(context.stages.path(stage), context.config)
+    _timed(context, stage, reused, started)
+    return rescored, key
+
+
 def run_member(
     context: Context, work: Path, budget: float, result: SearchResult, search_key: str, ranking: list[int]
 ) -> tuple[dict[str, Any], str]:
@@ -331,7 +451,7 @@ def run_member(
     folder = work / f"{budget:g}"
     reused = context.stages.done(stage, key) and folder.is_dir()
     if not reused:
-        elastic = model(context)
+        elastic = members_model(context)
         ranked = candidates(context, budget, result, ranking)
         source, shape, plain = ranked[0]
         child = extract_model(elastic, shape)
@@ -367,7 +487,7 @@ def candidates(
     """(source, Shape, plain proxy perplexity) of the search's Shapes and of the single-axis
     heuristics within the search's band, lowest perplexity first. The heuristics lie off the
     search's grid (e.g. exactly the MLP width that fills the budget), so they are worth a try."""
-    quality = Quality(model(context), context.check_ids)
+    quality = Quality(members_model(context), context.check_ids)
     high = budget * context.parent_params()
     heuristics = single_axis_shapes(context.config, high, context.embeddings, ranking, context.settings.align)
     in_band = {
@@ -382,16 +502,24 @@ def candidates(
 
 
 def run_eval(
-    context: Context, work: Path, budget: float, member: dict[str, Any], member_key: str, ranking: list[int]
+    context: Context,
+    work: Path,
+    budget: float,
+    member: dict[str, Any],
+    member_key: str,
+    ranking: list[int],
+    zero_shot: Shape,
 ) -> dict[str, Any]:
     """Perplexity on the evaluation split of the exported member (as users load it), of the
-    plain slice, and of the single-axis heuristics at the same budget; measured latency."""
+    plain slice, and of the single-axis heuristics at the same budget; measured latency. After
+    training, also the perplexity of the zero-shot search's best Shape of the parent (no
+    compensation): what the training gained."""
     s, started = context.settings, time.perf_counter()
     stage = f"eval-{budget:g}"
     key = input_hash(member=member_key, ranking=ranking)
     reused = context.stages.done(stage, key)
     if not reused:
-        elastic, config = model(context), context.config
+        elastic, config = members_model(context), context.config
         shape = Shape.from_dict(member["shape"], config)
         context.log(f"[{stage}] perplexity on {s.eval_tokens} held-out tokens")
         exported = load(work / member["folder"])
@@ -418,6 +546,9 @@ def run_eval(
             }
             for name, heuristic in baselines.items()
         }
+        if context.trained is not None:
+            parent_ppl = _ppl(model(context), context.eval_ids, zero_shot)
+            record["zero_shot"] = {"shape": zero_shot.to_dict(), "ppl": parent_ppl}
         context.stages.save(stage, key, record)
     _timed(context, stage, reused, started)
     return context.stages.read(stage)

@@ -31,6 +31,7 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
         f"{parent['ppl']:.2f}, decode {parent['latency']['decode_ms']:.1f} ms, prefill "
         f"{parent['latency']['prefill_ms']:.1f} ms.",
         "",
+        *_training(summary),
     ]
     count = "num_parameters" if basis == "total" else "num_parameters_non_embedding"
     for member in summary["members"]:
@@ -58,6 +59,12 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
             f"| chosen, no compensation | same | | | | | | {member['ppl_plain']:.2f} | "
             f"{member['ppl_plain'] / parent['ppl']:.2f}x |",
         ]
+        if "zero_shot" in member:
+            zero_shot = member["zero_shot"]
+            lines.append(
+                f"| zero-shot (the parent's slice, untrained) | {describe(zero_shot['shape'])} | | | | | | "
+                f"{zero_shot['ppl']:.2f} | {zero_shot['ppl'] / parent['ppl']:.2f}x |"
+            )
         for name, baseline in member["baselines"].items():
             if baseline is None:
                 lines.append(f"| {name} | cannot reach this budget | | | | | | | |")
@@ -72,3 +79,21 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
         f"| {name} | {t['seconds']} | {'yes' if t['reused'] else 'no'} |" for name, t in summary["stages"].items()
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _training(summary: dict[str, Any]) -> list[str]:
+    """The paragraph on the elastic run the members come from (none for a zero-shot family)."""
+    training = summary.get("training")
+    if training is None:
+        return ["No training: every member is a slice of the sorted parent (zero-shot).", ""]
+    before, after = training["held_out_ppl"]["before"], training["held_out_ppl"]["after"]
+    slots = {"largest": "largest Shape", "smallest": "smallest Shape"}
+    slots |= {f"fixed-{i}": f"{budget:g} member" for i, budget in enumerate(summary["settings"]["budgets"])}
+    return [
+        f"Every member is a slice of `elastic/`, the sorted parent after one elastic run of "
+        f"{training['tokens']:,} tokens ({training['steps']} steps, {training['seconds'] / 60:.1f} min) distilled "
+        f"from the frozen parent. Held-out perplexity during that run, before -> after: "
+        + "; ".join(f"{name} {before[slot]:.2f} -> {after[slot]:.2f}" for slot, name in slots.items())
+        + f" (the parent: {before['teacher']:.2f}).",
+        "",
+    ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from anyshape.checkpoints import resolve
-from anyshape.files import atomic_write_text
+from anyshape.files import atomic_write_text, remove_file_leftovers
 
 
 def input_hash(**inputs: Any) -> str:
@@ -41,6 +41,7 @@ class StageCache:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        remove_file_leftovers(folder)  # a stage killed mid-write is redone: its temporary goes
 
     def path(self, stage: str, suffix: str = ".json") -> Path:
         return self.folder / f"{stage}{suffix}"

@@ -5,6 +5,9 @@
     fixed      the largest, and a given list of Shapes
     largest    the largest alone (continued training of one model)
 
+Given Shapes join every step of sandwich and grid too (e.g. the members of a family, trained
+on every batch while the random draws cover the sizes between them).
+
 The largest Shape comes first: it is the in-place teacher. The choice is a pure function of
 (seed, step), so a resumed run samples exactly what an uninterrupted one does, with no state.
 """
@@ -65,7 +68,7 @@ class ShapeSampler:
             for i, members in enumerate(self.bins):
                 if members:
                     chosen.append((f"bin-{i}", members[int(torch.randint(len(members), (1,), generator=generator))]))
-        elif self.rule == "fixed":
+        if self.rule != "largest":
             chosen += [(f"fixed-{i}", shape) for i, shape in enumerate(self.fixed)]
         firsts = {}
         for slot, shape in chosen:  # a Shape drawn twice trains once, in its first slot

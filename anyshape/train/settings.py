@@ -94,11 +94,11 @@ class TrainSettings:
     sampling: str = setting(
         "sandwich",
         "Shapes per step: sandwich (largest, smallest, --random-shapes random), grid (largest and one per "
-        "parameter bin), fixed (largest and --shapes), largest (it alone).",
+        "parameter bin), fixed (largest and --shapes), largest (it alone); --shapes join sandwich and grid too.",
     )
     random_shapes: int = setting(2, "sandwich: random Shapes per step; grid: parameter bins.", min=0)
     shapes: tuple[dict[str, Any], ...] = setting(
-        (), "fixed: a JSON list of Shapes, inline or a file.", metavar="SHAPES", parse=read_shapes
+        (), "Shapes trained on every step: a JSON list, inline or a file.", metavar="SHAPES", parse=read_shapes
     )
     fractions: tuple[float, ...] = setting(
         DEFAULT_FRACTIONS, "Grid of sizes per axis, as fractions of the parent.", parse=parse_fractions

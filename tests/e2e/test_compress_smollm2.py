@@ -1,4 +1,4 @@
-"""`anyshape compress` on the embedded SmolLM2-135M with a tiny budget of tokens and trials."""
+"""`anyshape compress` on the embedded SmolLM2-135M with a tiny budget of tokens, trials and training."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_compress_exports_members_that_transformers_loads(capsys, tmp_path, hf_p
     args = [
         "compress", "smollm2-135m", "--out", out, "--budgets", "0.5,0.75", "--trials", "3",
         "--num-sequences", "4", "--sequence-length", "128", "--search-sequences", "2", "--search-length", "64",
-        "--eval-tokens", "512", "--json",
+        "--eval-tokens", "512", "--train-tokens", "256", "--train-seq-len", "64", "--train-batch-size", "2", "--json",
     ]  # fmt: skip
     status, stdout, err = run(capsys, *args)
     assert status == 0, err
@@ -32,6 +32,7 @@ def test_compress_exports_members_that_transformers_loads(capsys, tmp_path, hf_p
         assert member["ppl"] == pytest.approx(
             hf_perplexity(out / member["folder"], default_text(), max_tokens=512), rel=1e-3
         )
+    assert summary["training"]["steps"] == 2 and (out / "elastic" / "importance.safetensors").is_file()
     report = (out / "report.md").read_text()
     assert "## Budget 0.5" in report and "mlp-only" in report
     assert json.loads(stdout)["members"][0]["folder"] == str(out / "0.5")

@@ -12,12 +12,23 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import anyshape
 from anyshape.compress.baselines import single_axis_shapes
 from anyshape.compress.pipeline import CompressSettings, compress
+from anyshape.data.text import load_text
+from anyshape.evaluate.perplexity import perplexity
+from anyshape.export.extract import extract_state_dict
+from anyshape.export.hf import export_hf
+from anyshape.importance.permute import sort_
+from anyshape.importance.scores import Scores
 from anyshape.search.pareto import dominates
+from anyshape.shape import Shape
+from anyshape.train.loop import train
+from anyshape.train.settings import TrainSettings
 from tests.conftest import assert_png
 from tests.unit.test_cli import assert_bad_input, run
 
@@ -25,10 +36,11 @@ PARENT = "llama3-gqa"  # 4 layers, hidden 64, 8 query heads in 2 KV groups, MLP 
 SMALL = [
     "--num-sequences", "4", "--sequence-length", "32", "--search-sequences", "2", "--search-length", "32",
     "--trials", "5", "--eval-tokens", "512", "--budgets", "0.5,0.8",
+    "--train-tokens", "1024", "--train-seq-len", "32", "--train-batch-size", "4", "--train-lr", "0.001",
 ]  # fmt: skip
 SETTINGS = CompressSettings(
     budgets=(0.5, 0.8), num_sequences=4, sequence_length=32, search_sequences=2, search_length=32, trials=5,
-    eval_tokens=512,
+    eval_tokens=512, train_tokens=1024, train_seq_len=32, train_batch_size=4, train_lr=0.001,
 )  # fmt: skip
 
 
@@ -38,6 +50,23 @@ def text(tmp_path_factory) -> Path:
     sentences = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs."]
     path.write_text(" ".join(sentences[i % 2] + f" {i}" for i in range(400)))
     return path
+
+
+@pytest.fixture(scope="module")
+def taught(tiny_dir, text, tmp_path_factory) -> Path:
+    """The tiny parent after 60 steps of next-token training on `text`: a parent with something
+    to lose when cut, and so something for distillation to recover."""
+    run = tmp_path_factory.mktemp("teach") / "run"
+    train(
+        TrainSettings(
+            model=str(tiny_dir(PARENT)), data=str(text), out=str(run), sampling="largest", kd="none", steps=60,
+            lr=3e-3, seq_len=32, batch_size=8, warmup_steps=5, eval_every=60, save_every=60,
+        )
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("taught") / "model"
+    model = anyshape.load(run)
+    export_hf(model, model.full_shape, out, anyshape.load_tokenizer(tiny_dir(PARENT)))
+    return out
 
 
 def test_family_members_reload_with_the_reported_parameter_counts(capsys, tiny_dir, text, tmp_path):
@@ -104,6 +133,72 @@ def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path)
     assert (out / "summary.json").is_file() and not (tmp_path / ".family.partial").exists()
 
 
+def test_members_are_trained_slices_of_the_elastic_model(taught, text, tmp_path):
+    out = tmp_path / "family"
+    settings = dataclasses.replace(SETTINGS, data=str(text), compensate="off", train_tokens=4096)
+    summary = compress(str(taught), out, settings)
+    elastic = anyshape.load(out / "elastic")  # a MODEL like any other
+    parent = anyshape.load(taught)
+    sort_(parent, Scores.load(out / "stages" / "scores.safetensors", parent.config))  # as compress cut it
+    tokenizer = anyshape.load_tokenizer(taught)
+    eval_ids = torch.tensor(tokenizer(load_text(str(text)), add_special_tokens=False)["input_ids"][:512])
+    assert summary["training"]["tokens"] == 4096 and summary["training"]["steps"] == 32
+    assert not any(torch.equal(a, b) for a, b in zip(elastic.parameters(), parent.parameters(), strict=True) if a.ndim)
+    for member in summary["members"]:
+        shape = Shape.from_dict(member["shape"], elastic.config)
+        exported = load_file(out / member["folder"] / "model.safetensors")
+        expected = extract_state_dict(elastic, shape)
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[name], expected[name]) for name in expected), "cut from OUT/elastic"
+        zero_shot = Shape.from_dict(member["zero_shot"]["shape"], parent.config)
+        assert member["zero_shot"]["ppl"] == pytest.approx(perplexity(parent, eval_ids, zero_shot).perplexity)
+        assert member["ppl"] < member["zero_shot"]["ppl"], "distillation from the parent recovers what cutting lost"
+    held_out = summary["training"]["held_out_ppl"]
+    assert held_out["after"]["smallest"] < held_out["before"]["smallest"]  # sizes besides the members learn too
+    assert (out / "elastic" / "importance.safetensors").is_file() and not (out / "stages" / "train-run").exists()
+
+
+@pytest.mark.integration
+def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_dir, text, tmp_path):
+    out = tmp_path / "family"
+    command = [sys.executable, "-m", "anyshape", "compress", str(tiny_dir(PARENT)), "--out", str(out),
+               "--data", str(text), *SMALL]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    checkpoint = tmp_path / ".family.partial" / "stages" / "train-run" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    settings = dataclasses.replace(SETTINGS, data=str(text))
+    messages: list[str] = []
+    resumed = compress(str(tiny_dir(PARENT)), out, settings, log=messages.append)
+    assert any("resuming" in message for message in messages), "the run continues from its checkpoint"
+    whole = compress(str(tiny_dir(PARENT)), tmp_path / "whole", settings)
+    assert [(m["shape"], m["ppl"]) for m in resumed["members"]] == [(m["shape"], m["ppl"]) for m in whole["members"]]
+    assert resumed["training"]["held_out_ppl"] == whole["training"]["held_out_ppl"]
+    first = load_file(out / "elastic" / "model.safetensors")
+    second = load_file(tmp_path / "whole" / "elastic" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_no_training_tokens_make_the_zero_shot_family(tiny_dir, text, tmp_path):
+    out = tmp_path / "family"
+    settings = dataclasses.replace(SETTINGS, data=str(text), compensate="off", train_tokens=0)
+    summary = compress(str(tiny_dir(PARENT)), out, settings)
+    assert "training" not in summary and not (out / "elastic").exists()
+    assert not any(name.startswith("search-trained") for name in summary["stages"])
+    parent = anyshape.load(tiny_dir(PARENT))
+    sort_(parent, Scores.load(out / "stages" / "scores.safetensors", parent.config))
+    for member in summary["members"]:
+        shape = Shape.from_dict(member["shape"], parent.config)
+        exported = load_file(out / member["folder"] / "model.safetensors")
+        expected = extract_state_dict(parent, shape)
+        assert all(torch.equal(exported[name], expected[name]) for name in expected), "cut from the sorted parent"
+        assert "zero_shot" not in member
+
+
 def test_impossible_budget_names_the_smallest_reachable_one(capsys, tiny_dir, tmp_path):
     assert_bad_input(
         capsys, ["compress", tiny_dir(PARENT), "--out", tmp_path / "f", "--budgets", "0.01"],
@@ -120,6 +215,8 @@ def test_impossible_budget_names_the_smallest_reachable_one(capsys, tiny_dir, tm
         (["--budget-basis", "embedding"], ["budget basis", "non-embedding"]),
         (["--depth-method", "best"], ["depth method", "dp"]),
         (["--fractions", "0,0.5"], ["fractions", "(0, 1]"]),
+        (["--train-tokens", "-1"], ["--train-tokens", "greater than or equal to 0"]),
+        (["--train-lr", "0"], ["train_lr=0", "positive"]),
     ],
 )
 def test_bad_compress_options(capsys, tiny_dir, tmp_path, args, words):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from anyshape import AnyshapeError
-from anyshape.files import atomic_file, atomic_files, atomic_write_text
+from anyshape.files import atomic_file, atomic_files, atomic_write_text, remove_file_leftovers
 
 CHUNK, CHUNKS = 1 << 16, 4  # a concurrent writer's file: 256 KiB, written in 4 steps
 
@@ -98,3 +98,14 @@ def test_a_set_of_files_appears_together_or_not_at_all(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["record.json", "report.md"]
     with pytest.raises(AnyshapeError, match="already exists"), atomic_files(paths):
         pass
+
+
+def test_a_killed_writers_temporary_is_removed_and_nothing_else(tmp_path):
+    with pytest.raises(KeyboardInterrupt), atomic_file(tmp_path / "kept.json") as temporary:
+        temporary.write_text("{}")
+        os.link(temporary, tmp_path / ".scores.partial-abc.safetensors")  # what a SIGKILL mid-write leaves
+        raise KeyboardInterrupt
+    (tmp_path / ".family.partial-dir").mkdir()
+    atomic_write_text(tmp_path / "kept.json", "{}")
+    remove_file_leftovers(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".family.partial-dir", "kept.json"]

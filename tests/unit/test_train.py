@@ -104,6 +104,12 @@ def test_sampler_sandwich_grid_and_fixed(tiny_dir):
     assert fixed.shapes(7) == [("largest", space.largest()), ("fixed-0", Shape.from_dict(SMALL, config))]
     with pytest.raises(AnyshapeError, match="--shapes"):
         ShapeSampler(space, "fixed")
+    members = [Shape.from_dict(SMALL, config)]
+    joined, plain = ShapeSampler(space, "sandwich", 1, members, seed=5), ShapeSampler(space, "sandwich", 1, seed=5)
+    for step in range(5):  # given Shapes join each step, after the rule's own
+        shapes, own = [s for _, s in joined.shapes(step)], [s for _, s in plain.shapes(step)]
+        assert members[0] in shapes and shapes[: len(own)] == own
+    assert [shape for _, shape in ShapeSampler(space, "largest", fixed=members).shapes(0)] == [space.largest()]
 
 
 @pytest.mark.parametrize("kind", ["lora", "smol"])

@@ -112,19 +112,24 @@ def test_changed_settings_need_overwrite_and_reuse_unchanged_stages(capsys, tiny
     assert not reused["search-0.5"] and not reused["search-0.8"]
 
 
-@pytest.mark.integration
-def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path):
-    out = tmp_path / "family"
-    command = [sys.executable, "-m", "anyshape", "compress", str(tiny_dir(PARENT)), "--out", str(out),
+def kill_compress_when(marker: Path, tiny_dir, text: Path, cwd: Path) -> None:
+    """Runs `anyshape compress` into cwd/family in a process, SIGKILLed as `marker` (relative to
+    cwd) appears."""
+    command = [sys.executable, "-m", "anyshape", "compress", str(tiny_dir(PARENT)), "--out", "family",
                "--data", str(text), *SMALL]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    marker = tmp_path / ".family.partial" / "stages" / "search-0.5.key"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     deadline = time.monotonic() + 120
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not (cwd / marker).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path):
+    out = tmp_path / "family"
+    kill_compress_when(Path(".family.partial", "stages", "search-0.5.key"), tiny_dir, text, tmp_path)
     assert not out.exists(), "a killed run must not leave a family that looks complete"
     settings = CompressSettings(**{**SETTINGS.__dict__, "data": str(text)})
     summary = compress(str(tiny_dir(PARENT)), out, settings)
@@ -161,16 +166,8 @@ def test_members_are_trained_slices_of_the_elastic_model(taught, text, tmp_path)
 @pytest.mark.integration
 def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_dir, text, tmp_path):
     out = tmp_path / "family"
-    command = [sys.executable, "-m", "anyshape", "compress", str(tiny_dir(PARENT)), "--out", str(out),
-               "--data", str(text), *SMALL]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    checkpoint = tmp_path / ".family.partial" / "stages" / "train-run" / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    checkpoint = Path(".family.partial", "stages", "train-run", "checkpoint", "state.json")
+    kill_compress_when(checkpoint, tiny_dir, text, tmp_path)
     settings = dataclasses.replace(SETTINGS, data=str(text))
     messages: list[str] = []
     resumed = compress(str(tiny_dir(PARENT)), out, settings, log=messages.append)

@@ -203,8 +203,11 @@ def compress(
     scores, scores_key = run_scores(context)
     ranking, layers_key = run_layers(context, scores, scores_key)
     searches = {budget: run_search(context, budget, ranking, layers_key) for budget in settings.budgets}
-    zero_shot = {budget: candidates(context, budget, result, ranking)[0][1] for budget, (result, _) in searches.items()}
+    zero_shot: dict[float, Shape | None] = dict.fromkeys(settings.budgets)  # the untrained best, if training
     if settings.train_tokens:
+        zero_shot = {
+            budget: candidates(context, budget, result, ranking)[0][1] for budget, (result, _) in searches.items()
+        }
         weights_key = run_train(context, work, scores, ranking, layers_key, list(zero_shot.values()))
         searches = {
             budget: run_rescore(context, budget, result, search_key, weights_key)
@@ -417,9 +420,9 @@ def run_search(context: Context, budget: float, ranking: list[int], layers_key: 
 def run_rescore(
     context: Context, budget: float, result: SearchResult, search_key: str, weights_key: str
 ) -> tuple[SearchResult, str]:
-    """The search again on the trained weights: the zero-shot search's RESCORED best Shapes (the
-    trained member among them) evaluated anew on the check windows. Training changes which is
-    best; re-ranking the zero-shot search's best costs a quarter of a new search."""
+    """The search again on the trained weights: the zero-shot search's RESCORED best Shapes
+    evaluated anew on the check windows (`candidates` adds the single-axis heuristics). Training
+    changes which is best; re-ranking the zero-shot search's best costs a quarter of a new search."""
     started = time.perf_counter()
     stage = f"search-trained-{budget:g}"
     key = input_hash(search=search_key, weights=weights_key, rescored=RESCORED)
@@ -508,7 +511,7 @@ def run_eval(
     member: dict[str, Any],
     member_key: str,
     ranking: list[int],
-    zero_shot: Shape,
+    zero_shot: Shape | None,
 ) -> dict[str, Any]:
     """Perplexity on the evaluation split of the exported member (as users load it), of the
     plain slice, and of the single-axis heuristics at the same budget; measured latency. After
@@ -546,7 +549,7 @@ def run_eval(
             }
             for name, heuristic in baselines.items()
         }
-        if context.trained is not None:
+        if zero_shot is not None:
             parent_ppl = _ppl(model(context), context.eval_ids, zero_shot)
             record["zero_shot"] = {"shape": zero_shot.to_dict(), "ppl": parent_ppl}
         context.stages.save(stage, key, record)

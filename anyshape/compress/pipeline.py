@@ -40,6 +40,7 @@ from torch import Tensor
 from anyshape.checkpoints import load, load_config, load_tokenizer
 from anyshape.compress.baselines import single_axis_shapes
 from anyshape.compress.compensate import RIDGE, compensate
+from anyshape.compress.elastic import ELASTIC, ElasticRecord
 from anyshape.compress.report import write_report
 from anyshape.compress.stages import StageCache, input_hash, model_identity, write_json
 from anyshape.compress.training import (
@@ -66,7 +67,7 @@ from anyshape.importance.scores import SCORES_FILENAME, Scores, score
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.nll import mean_nll
-from anyshape.search.algorithms import SearchResult, search
+from anyshape.search.algorithms import SearchResult, search_budget
 from anyshape.search.objectives import LatencyTable, Quality, cost_functions
 from anyshape.search.pareto import non_dominated, plot_front
 from anyshape.search.space import DEFAULT_ALIGN, DEFAULT_FRACTIONS, SearchSpace
@@ -74,9 +75,8 @@ from anyshape.shape import Shape
 from anyshape.version import __version__
 
 BASES = ("total", "non-embedding")
-DEFAULT_TRAIN_TOKENS = 10_240  # 10 steps of 4 x 256: about 5 minutes on a 2-core CPU
+DEFAULT_TRAIN_TOKENS = 8_192  # 8 steps of 4 x 256: about 4 minutes on a 2-core CPU
 RESCORED = 10  # the zero-shot search's best Shapes per budget, evaluated again on the trained weights
-ELASTIC = "elastic"  # OUT/elastic/: the trained elastic model every member is cut from
 COMPENSATION_MODES = ("auto", "on", "off")
 DEPTH_METHODS = ("bi", "drop", "dp")
 SUMMARY = "summary.json"
@@ -348,6 +348,7 @@ def run_train(
         tokenizer = load_tokenizer(context.model_ref)
         parent, texts, run = (context.stages.path(name, "") for name in ("sorted-parent", "train-text", "train-run"))
         export_hf(model(context), Shape.full(context.config), parent, tokenizer, overwrite=True)
+        ranked_scores(scores, ranking).save(parent / SCORES_FILENAME)  # training samples compress's layer sets
         write_texts(
             texts,
             {TRAIN_TEXT: tokenizer.decode(context.fit_split.tolist()),
@@ -357,7 +358,7 @@ def run_train(
         trained, held_out = train_elastic(run_settings, context.log)
         export_hf(
             trained.to(getattr(torch, s.dtype)), trained.full_shape, folder, tokenizer, context.model_ref,
-            overwrite=True, extra={"elastic": True, "train_tokens": training.trained_tokens},
+            overwrite=True, extra={ELASTIC: elastic_record(s, training).to_dict()},
         )  # fmt: skip
         ranked_scores(scores, ranking).save(folder / SCORES_FILENAME)
         record = {
@@ -373,6 +374,12 @@ def run_train(
     context.trained = load(folder)
     _timed(context, "train", reused, started)
     return key
+
+
+def elastic_record(settings: CompressSettings, training: ElasticTraining) -> ElasticRecord:
+    """What OUT/elastic/ keeps of the settings, so that `extract --budget` searches it as compress did."""
+    s = settings
+    return ElasticRecord(training.trained_tokens, s.fractions, s.align, s.budget_basis, s.band, s.algorithm, s.trials)
 
 
 def ranking_from_nested(layers: dict[int, tuple[int, ...]], num_layers: int) -> list[int]:
@@ -397,19 +404,12 @@ def run_search(context: Context, budget: float, ranking: list[int], layers_key: 
         space = SearchSpace.from_fractions(context.config, s.fractions, ranking, s.align)
         cost = "params" if context.embeddings else "params_non_embedding"
         high = budget * context.parent_params()
-        bounds = {cost: ((1 - s.band) * high, high)}
-        context.log(f"[{stage}] {s.algorithm}, {s.trials} Shapes within {bounds[cost][0]:,.0f}..{high:,.0f} {cost}")
+        context.log(f"[{stage}] {s.algorithm}, {s.trials} Shapes within {(1 - s.band) * high:,.0f}..{high:,.0f} {cost}")
         elastic = model(context)
-        result = search(
-            space, Quality(elastic, context.check_ids), cost_functions(elastic), (cost, "flops"), s.algorithm,
-            s.trials, s.seed, bounds, progress=True,
+        result = search_budget(
+            space, Quality(elastic, context.check_ids), cost_functions(elastic), cost, high, s.band, s.algorithm,
+            s.trials, s.seed, progress=True,
         )  # fmt: skip
-        if not result.trials:  # nothing in the band: search everything under the budget
-            bounds = {cost: (None, high)}
-            result = search(
-                space, Quality(elastic, context.check_ids), cost_functions(elastic), (cost, "flops"), s.algorithm,
-                s.trials, s.seed, bounds, progress=True,
-            )  # fmt: skip
         result.save(context.stages.path(stage))
         context.stages.finish(stage, key)
     result = SearchResult.load(context.stages.path(stage), context.config)

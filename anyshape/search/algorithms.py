@@ -220,6 +220,30 @@ def search(
     )  # fmt: skip
 
 
+def search_budget(
+    space: SearchSpace,
+    quality: Callable[[Shape], float],
+    costs: Mapping[str, Callable[[Shape], float]],
+    cost: str,
+    budget: float,
+    band: float,
+    algorithm: str = "nsga2",
+    trials: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> SearchResult:
+    """`search` of the Shapes whose `cost` lies within [(1 - band) budget, budget], minimising
+    `cost`, FLOPs and quality; when no Shape of `space` lies in that band, of every Shape up to
+    `budget`. The band keeps the search on the Shapes that use the budget."""
+    for low in ((1 - band) * budget, None):
+        result = search(
+            space, quality, costs, (cost, "flops"), algorithm, trials, seed, {cost: (low, budget)}, progress=progress
+        )
+        if result.trials:
+            break
+    return result
+
+
 def _bins(space, feasibility, trials, draws_per_bin, evaluate, draw, evaluated) -> dict[str, Any]:
     param_cost = next(name for name in ("params", "params_non_embedding") if name in feasibility.functions)
     low, high = feasibility.bounds.get(param_cost, (None, None))

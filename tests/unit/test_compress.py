@@ -17,17 +17,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import anyshape
+from anyshape.cli.calibration import read_calibration
 from anyshape.compress.baselines import single_axis_shapes
 from anyshape.compress.pipeline import CompressSettings, compress
+from anyshape.compress.stages import StageCache
 from anyshape.data.text import load_text
 from anyshape.evaluate.perplexity import perplexity
 from anyshape.export.extract import extract_state_dict
 from anyshape.export.hf import export_hf
 from anyshape.importance.permute import sort_
 from anyshape.importance.scores import Scores
+from anyshape.search.objectives import Quality
 from anyshape.search.pareto import dominates
+from anyshape.search.space import SearchSpace
 from anyshape.shape import Shape
-from anyshape.train.loop import train
+from anyshape.train.loop import train, training_space
 from anyshape.train.settings import TrainSettings
 from tests.conftest import assert_png
 from tests.unit.test_cli import assert_bad_input, run
@@ -138,10 +142,16 @@ def test_killed_run_resumes_and_reuses_finished_stages(tiny_dir, text, tmp_path)
     assert (out / "summary.json").is_file() and not (tmp_path / ".family.partial").exists()
 
 
-def test_members_are_trained_slices_of_the_elastic_model(taught, text, tmp_path):
-    out = tmp_path / "family"
+@pytest.fixture(scope="module")
+def trained_family(taught, text, tmp_path_factory) -> tuple[Path, dict]:
+    """A family of the taught parent, trained on 4,096 tokens, uncompensated: (folder, summary)."""
+    out = tmp_path_factory.mktemp("trained") / "family"
     settings = dataclasses.replace(SETTINGS, data=str(text), compensate="off", train_tokens=4096)
-    summary = compress(str(taught), out, settings)
+    return out, compress(str(taught), out, settings)
+
+
+def test_members_are_trained_slices_of_the_elastic_model(taught, text, trained_family):
+    out, summary = trained_family
     elastic = anyshape.load(out / "elastic")  # a MODEL like any other
     parent = anyshape.load(taught)
     sort_(parent, Scores.load(out / "stages" / "scores.safetensors", parent.config))  # as compress cut it
@@ -161,6 +171,43 @@ def test_members_are_trained_slices_of_the_elastic_model(taught, text, tmp_path)
     held_out = summary["training"]["held_out_ppl"]
     assert held_out["after"]["smallest"] < held_out["before"]["smallest"]  # sizes besides the members learn too
     assert (out / "elastic" / "importance.safetensors").is_file() and not (out / "stages" / "train-run").exists()
+
+
+def test_the_elastic_run_samples_the_layers_compress_ranked(monkeypatch, tiny_dir, text, tmp_path):
+    class Started(Exception):
+        pass
+
+    def started(settings, **_):
+        spaces.append(training_space(settings, anyshape.load_config(settings.model)))
+        raise Started
+
+    spaces: list[SearchSpace] = []
+    monkeypatch.setattr("anyshape.compress.training.train", started)
+    with pytest.raises(Started):
+        compress(str(tiny_dir(PARENT)), tmp_path / "family", dataclasses.replace(SETTINGS, data=str(text)))
+    ranking = StageCache(tmp_path / ".family.partial" / "stages").read("layers")["ranking"]
+    assert ranking != sorted(ranking), "a ranking that keeps the first layers could not tell"
+    expected = SearchSpace.from_fractions(spaces[0].config, SETTINGS.fractions, ranking, SETTINGS.align)
+    assert spaces[0].layer_sets == expected.layer_sets
+
+
+def test_any_budget_extracts_from_the_elastic_model_as_its_best_searched_shape(capsys, text, trained_family, tmp_path):
+    out, _ = trained_family
+    status, stdout, err = run(
+        capsys, "extract", out / "elastic", "--budget", "0.65", "--data", text, "--out", tmp_path / "m", "--json"
+    )
+    assert status == 0, err
+    elastic = anyshape.load(out / "elastic")
+    shape = Shape.from_dict(json.loads(stdout)["shape"], elastic.config)
+    parent_params = elastic.full_shape.num_parameters(elastic.config)
+    assert 0.9 * 0.65 * parent_params <= shape.num_parameters(elastic.config) <= 0.65 * parent_params  # the band
+    exported = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(torch.equal(exported[name], tensor) for name, tensor in extract_state_dict(elastic, shape).items())
+    record = json.loads((tmp_path / "m" / "anyshape.json").read_text())
+    windows = read_calibration(str(out / "elastic"), text, 8, 256, seed=0)
+    child = anyshape.load(tmp_path / "m")
+    assert record["budget"] == 0.65 and record["search_ppl"] == pytest.approx(Quality(child, windows)(child.full_shape))
+    assert_bad_input(capsys, ["extract", tmp_path / "m", "--budget", "0.5", "--out", tmp_path / "n"], "elastic/")
 
 
 @pytest.mark.integration

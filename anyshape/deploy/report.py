@@ -1,6 +1,11 @@
 """The deployment report of a family written by `anyshape compress`: for the parent and every
 member, one row of what deployment needs to know, as markdown, JSON and a PNG of plots.
 
+A family whose members were trained (compress's train stage) also has, per member, a row of its
+zero-shot Shape: the untrained slice of the sorted parent the search chose before training, so
+that training's gain shows in every metric. It has no file of its own; its speed is the parent's
+at that Shape (speed depends on the geometry, not on the weights).
+
 Per model, measured on that model as it is stored (a member's folder, the parent's reference):
     parameters   total, and non-embedding (without the embedding and LM-head matrices), by
                  `Shape.num_parameters` of the model's own config
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 
 from anyshape.checkpoints import load, load_config, load_tokenizer, resolve
 from anyshape.compress.report import describe
+from anyshape.compress.stages import StageCache
 from anyshape.data.text import DEFAULT_TEXT_NAME, load_text
 from anyshape.deploy.speed import (
     FAMILY_SUMMARY,
@@ -39,6 +45,9 @@ from anyshape.evaluate import BATCH_SIZE
 from anyshape.evaluate.perplexity import MAX_TOKENS, PerplexityResult, perplexity, tokenize
 from anyshape.extras import require
 from anyshape.files import atomic_files
+from anyshape.importance.permute import sort_
+from anyshape.importance.scores import Scores
+from anyshape.model.llama import ElasticLlama
 from anyshape.shape import Shape
 from anyshape.version import __version__
 
@@ -82,9 +91,9 @@ class ReportSettings:
 class ModelReport:
     """The measurements of one model of the family."""
 
-    name: str  # the member's folder name, or "parent"
-    role: str  # "parent" or "member"
-    reference: str  # what anyshape.load was given
+    name: str  # the member's folder name, "parent", or "<folder> zero-shot"
+    role: str  # "parent", "member" or "zero-shot"
+    reference: str  # what anyshape.load was given (zero-shot: the parent, sorted and sliced)
     shape: str  # its geometry, e.g. "L15 H384 Q6/G2 F1024"
     num_parameters: int
     num_parameters_non_embedding: int
@@ -115,7 +124,8 @@ class FamilyReport:
     family: str  # the family folder
     parent: str  # summary.json's "model"
     settings: ReportSettings
-    models: list[ModelReport]  # the parent first, then the members in summary.json's order
+    models: list[ModelReport]  # the parent first, then the members in summary.json's order, each
+    # followed by its zero-shot row when the family was trained
     skipped: list[Skipped]  # runtimes that could not run, with the reason
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,19 +169,52 @@ def family_report(
 
         find_tasks(settings.tasks, settings.include_path)
     text = load_text(settings.data)
-    models = [("parent", parent_ref, "parent")] + [(name, str(path), "member") for name, path in members]
+    zero_shot = zero_shot_shapes(folder)
+    rows = [_Row("parent", parent_ref, "parent")]
+    for name, path in members:
+        rows.append(_Row(name, str(path), "member"))
+        if name in zero_shot:
+            rows.append(_Row(f"{name} zero-shot", parent_ref, "zero-shot", zero_shot[name]))
     stages = ["perplexity"] + ["tasks"] * bool(settings.tasks) + ["speed"] * (settings.speed is not None)
     reports, skipped = [], []
-    with tqdm(total=len(models) * len(stages), desc="report", unit="stage", disable=not progress) as bar:
+    with tqdm(total=len(rows) * len(stages), desc="report", unit="stage", disable=not progress) as bar:
 
         def stage(message: str) -> None:
             bar.set_description(f"report {message}")
 
-        for name, ref, role in models:
-            report, left_out = _measure(name, ref, role, text, settings, progress, stage, bar.update)
+        for row in rows:
+            report, left_out = _measure(row, folder, text, settings, progress, stage, bar.update)
             reports.append(report)
             skipped += left_out
     return FamilyReport(str(folder), parent_ref, settings, reports, skipped)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One model of the report: a stored model (`ref`), or a Shape of the sorted parent `ref`."""
+
+    name: str
+    ref: str
+    role: str  # "parent", "member" or "zero-shot"
+    shape: Shape | None = None  # zero-shot: the Shape of the sorted parent
+
+
+def zero_shot_shapes(folder: Path) -> dict[str, Shape]:
+    """Member folder -> the zero-shot Shape its summary.json records (none for an untrained family)."""
+    summary = json.loads((folder / FAMILY_SUMMARY).read_text())
+    config = load_config(summary["model"])
+    return {
+        member["folder"]: Shape.from_dict(member["zero_shot"]["shape"], config)
+        for member in summary["members"]
+        if "zero_shot" in member
+    }
+
+
+def _sorted_parent(folder: Path, parent_ref: str) -> ElasticLlama:
+    """The parent sorted by the family's importance scores: what the zero-shot Shapes slice."""
+    parent = load(parent_ref)
+    sort_(parent, Scores.load(StageCache(folder / "stages").path("scores", ".safetensors"), parent.config))
+    return parent
 
 
 def family_parent(folder: Path) -> str:
@@ -203,9 +246,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def _measure(
-    name: str,
-    ref: str,
-    role: str,
+    row: _Row,
+    folder: Path,
     text: str,
     settings: ReportSettings,
     progress: bool,
@@ -213,12 +255,14 @@ def _measure(
     done: Callable[[int], Any],
 ) -> tuple[ModelReport, list[Skipped]]:
     """One model's row; `stage` is told what runs, `done` counts finished stages."""
+    name, ref = row.name, row.ref
     config = load_config(ref)
-    shape = Shape.full(config)
-    files = weight_files(resolve(ref))
-    model, tokenizer = load(ref), load_tokenizer(ref)
+    shape = row.shape or Shape.full(config)
+    files = weight_files(resolve(ref)) if row.shape is None else []
+    model = load(ref) if row.shape is None else _sorted_parent(folder, ref)
+    tokenizer = load_tokenizer(ref)
     stage(f"{name}: perplexity")
-    result = perplexity(model, tokenize(tokenizer, text, settings.max_tokens), progress=progress)
+    result = perplexity(model, tokenize(tokenizer, text, settings.max_tokens), row.shape, progress=progress)
     done(1)
     scores, samples = [], {}
     if settings.tasks:
@@ -226,18 +270,18 @@ def _measure(
         from anyshape.evaluate.harness import evaluate_tasks
 
         tasks = evaluate_tasks(
-            model, tokenizer, None, settings.tasks, settings.include_path, settings.limit, settings.batch_size
+            model, tokenizer, row.shape, settings.tasks, settings.include_path, settings.limit, settings.batch_size
         )
         scores, samples = tasks.scores, tasks.samples
         done(1)
     del model  # the speed benchmark loads each runtime's own copy
     speed, skipped = [], []
     if settings.speed is not None:
-        speed, skipped = benchmark(ref, None, settings.speed, settings.runtimes, name, log=stage)
+        speed, skipped = benchmark(ref, row.shape, settings.speed, settings.runtimes, name, log=stage)
         done(1)
     report = ModelReport(
         name=name,
-        role=role,
+        role=row.role,
         reference=ref,
         shape=describe(shape.to_dict()),
         num_parameters=shape.num_parameters(config),
@@ -277,7 +321,8 @@ def markdown_report(report: FamilyReport, plot_name: str) -> str:
     lines = [
         f"# Deployment report: {report.family}",
         "",
-        f"The parent `{report.parent}` and the {len(report.models) - 1} members of the family, each measured "
+        f"The parent `{report.parent}` and the {sum(m.role == 'member' for m in report.models)} members of the "
+        "family, each measured "
         "as it is stored.",
         "",
         "- **Parameters**: total, and non-embedding (without the embedding and LM-head matrices).",
@@ -302,6 +347,12 @@ def markdown_report(report: FamilyReport, plot_name: str) -> str:
             "JSON). Peak memory: the resident-set growth while the runtime loads and runs, MiB. "
             f"llama.cpp runs a {s.gguf_type} GGUF export, the torch runtimes float32."
         )
+    if any(m.role == "zero-shot" for m in report.models):
+        lines.append(
+            "- **Zero-shot rows**: the members were trained; each is followed by the Shape the search chose before "
+            "training, sliced from the sorted parent without training (no file of its own; its speed is the "
+            "parent's at that Shape). The plot shows the members."
+        )
     lines += ["", *_table(report), ""]
     lines += [f"Skipped {s.runtime} on {s.model}: {s.reason}" for s in report.skipped]
     lines += ["", f"![accuracy, perplexity and speed against parameters]({plot_name})", ""]
@@ -320,8 +371,8 @@ def _table(report: FamilyReport) -> list[str]:
             m.shape,
             f"{m.num_parameters:,}",
             f"{m.num_parameters_non_embedding:,}",
-            f"{m.file_bytes / 1e6:.1f}",
-            f"{m.file_bytes / m.num_parameters:.2f}",
+            f"{m.file_bytes / 1e6:.1f}" if m.weight_files else "-",
+            f"{m.file_bytes / m.num_parameters:.2f}" if m.weight_files else "-",
             _perplexity(m.perplexity.perplexity),
         ]
         for task, metric in report.accuracy_columns():
@@ -355,7 +406,7 @@ def plot_family_report(report: FamilyReport, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ordered = sorted(report.models, key=lambda m: m.num_parameters)
+    ordered = sorted((m for m in report.models if m.role != "zero-shot"), key=lambda m: m.num_parameters)
     panels: list[tuple[str, dict[str, list[Point | None]]]] = []
     if report.accuracy_columns():
         series = {

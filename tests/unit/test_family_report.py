@@ -5,18 +5,23 @@ PNG are written whole or not at all, and bad input exits 2 with one line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import anyshape
 from anyshape import Shape, export_hf
 from anyshape.cli import report as report_command
+from anyshape.compress.stages import StageCache
 from anyshape.deploy import report as report_module
-from anyshape.deploy.report import ReportSettings, family_report, write_family_report
+from anyshape.deploy.report import ReportSettings, family_report, markdown_report, write_family_report
 from anyshape.deploy.speed import SpeedSettings
 from anyshape.evaluate.harness import evaluate_tasks
 from anyshape.evaluate.perplexity import perplexity, tokenize
+from anyshape.importance.permute import sort_
+from anyshape.importance.scores import score
 from tests.conftest import assert_png, byte_tokenizer
 from tests.unit.test_cli import assert_bad_input, run, text_file
 from tests.unit.test_harness import CHOICE, DOCS, TASK_YAML
@@ -90,6 +95,35 @@ def test_every_number_is_what_its_own_tool_gives(measured, family, tasks, text, 
         assert speed.runtime == "anyshape" and speed.model == row.name
         assert 0 < speed.prefill.min <= speed.prefill.max and 0 < speed.decode.min <= speed.decode.max
     assert len({row.perplexity.perplexity for row in measured.models}) == 3, "each row measures its own model"
+
+
+def test_a_trained_family_has_a_row_for_each_members_zero_shot_shape(family, tasks, text, tiny_dir, tmp_path):
+    trained = tmp_path / "family"
+    shutil.copytree(family, trained)
+    parent = anyshape.load(tiny_dir(PARENT))
+    scores = score(
+        parent, torch.randint(0, parent.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    )
+    scores.save(StageCache(trained / "stages").path("scores", ".safetensors"))
+    zero_shot = Shape.from_dict({"num_hidden_layers": 2, "intermediate_size": 48}, parent.config)
+    summary = json.loads((trained / "summary.json").read_text())
+    summary["members"][1]["zero_shot"] = {"shape": zero_shot.to_dict(), "ppl": 1.0}
+    (trained / "summary.json").write_text(json.dumps(summary))
+    settings = ReportSettings(tasks=(TASK,), include_path=str(tasks), data=str(text), speed=SPEED)
+    report = family_report(trained, settings)
+    assert [(m.name, m.role) for m in report.models] == [
+        ("parent", "parent"), ("0.4", "member"), ("0.7", "member"), ("0.7 zero-shot", "zero-shot")
+    ]  # fmt: skip
+    row = report.models[3]
+    tokenizer = anyshape.load_tokenizer(tiny_dir(PARENT))
+    ids = tokenize(tokenizer, text.read_text())
+    unsorted = perplexity(parent, ids, zero_shot)
+    sort_(parent, scores)  # the zero-shot Shape slices the parent sorted as the family was
+    assert row.perplexity == perplexity(parent, ids, zero_shot) != unsorted
+    assert row.tasks == evaluate_tasks(parent, tokenizer, zero_shot, [TASK], tasks).scores
+    assert row.num_parameters == zero_shot.num_parameters(parent.config) and row.weight_files == []
+    table = markdown_report(report, "r.png")
+    assert "| 0.7 zero-shot | L2 " in table and "Zero-shot rows" in table
 
 
 def test_files_are_written_whole_or_not_at_all(measured, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 import anyshape
 from anyshape import AnyshapeError, Shape, export_hf
 from anyshape.runtime.generate import Decoder, Sampling, generate, next_token, stream_text
+from anyshape.runtime.sample import sample_text, sample_tokens
 from tests.conftest import byte_tokenizer
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # 12 token ids of the byte tokenizer
@@ -128,3 +129,25 @@ def test_bad_generation_requests_are_refused(exported):
         list(generate(model, [], max_new_tokens=4))
     with pytest.raises(AnyshapeError, match="max_new_tokens=0 must be at least 1"):
         list(generate(model, PROMPT, max_new_tokens=0))
+
+
+def test_sampled_text_draws_each_token_from_the_models_distribution(tiny_dir):
+    model = anyshape.load(tiny_dir("llama3-gqa"))
+    sampled = sample_tokens(model, start=1, num_sequences=3, length=6, batch_size=2, seed=4)
+    assert sampled.shape == (3, 6) and torch.equal(sampled, sample_tokens(model, 1, 3, 6, batch_size=2, seed=4))
+    generator = torch.Generator().manual_seed(4)
+    expected = []
+    for first in (0, 2):  # the same draws, each from a full forward pass without the cache
+        tokens = torch.ones((min(2, 3 - first), 1), dtype=torch.long)
+        for _ in range(6):
+            probs = torch.softmax(model(tokens)[:, -1].float(), dim=-1)
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        expected.append(tokens[:, 1:])
+    assert torch.equal(sampled, torch.cat(expected))
+    tokenizer = byte_tokenizer()
+    with pytest.raises(AnyshapeError, match="no beginning- or end-of-sequence token"):
+        sample_text(model, tokenizer, num_tokens=20, length=10)
+    tokenizer.bos_token = "!"  # token 0
+    two = sample_tokens(model, start=0, num_sequences=2, length=10, seed=0).tolist()
+    text = sample_text(model, tokenizer, num_tokens=20, length=10)
+    assert text == "\n\n".join(tokenizer.decode(sequence) for sequence in two)

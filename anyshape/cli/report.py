@@ -76,7 +76,9 @@ def report(
     """Report on a FAMILY written by `anyshape compress`: for its parent (summary.json's "model",
     whole) and every member, parameters (total and non-embedding), weight file size, perplexity
     (as `anyshape evaluate --ppl`), zero-shot task accuracy with standard errors (--tasks), and
-    prefill/decode tokens/s and peak memory at batch 1 (as `anyshape bench`).
+    prefill/decode tokens/s and peak memory at batch 1 (as `anyshape bench`). A trained family
+    also gets, after each member, a row of its zero-shot Shape (the untrained slice of the sorted
+    parent), so the table shows what training bought.
 
     Writes one markdown table (--out), the same numbers as JSON and a PNG of accuracy,
     perplexity and decode speed against parameters, beside it. Prints the table, or with

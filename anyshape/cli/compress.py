@@ -73,7 +73,7 @@ def compress_command(
         int,
         typer.Option(
             help="Tokens of the elastic training that every member comes from, distilled from the frozen parent "
-            "(about 5 minutes on a 2-core CPU by default; on a GPU use 100M or more). 0: a zero-shot family.",
+            "(about 4 minutes on a 2-core CPU by default; on a GPU use 100M or more). 0: a zero-shot family.",
             min=0,
             rich_help_panel=TRAINING,
         ),
@@ -87,6 +87,14 @@ def compress_command(
     train_lr: Annotated[
         float, typer.Option(help="Peak learning rate (warmup, then cosine).", min=0, rich_help_panel=TRAINING)
     ] = DEFAULTS.train_lr,
+    train_text: Annotated[
+        str,
+        typer.Option(
+            help="What the elastic run trains on: data (the calibration half of --data) or parent (text the "
+            "parent samples itself: no corpus needed, and the parent's own distribution).",
+            rich_help_panel=TRAINING,
+        ),
+    ] = DEFAULTS.train_text,
     seed: SeedOpt = 0,
     overwrite: overwrite_option("Replace OUT if it holds a family made with other settings.") = False,
     as_json: JsonOpt = False,
@@ -147,6 +155,7 @@ def compress_command(
         train_seq_len=train_seq_len,
         train_batch_size=train_batch_size,
         train_lr=train_lr,
+        train_text=train_text,
     )
     summary = compress(model, out, settings, overwrite, log=lambda message: print(message, file=sys.stderr))
     record = {

@@ -67,6 +67,7 @@ from anyshape.importance.scores import SCORES_FILENAME, Scores, score
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
 from anyshape.model.nll import mean_nll
+from anyshape.runtime.sample import sample_text, start_token
 from anyshape.search.algorithms import SearchResult, search_budget
 from anyshape.search.objectives import LatencyTable, Quality, cost_functions
 from anyshape.search.pareto import non_dominated, plot_front
@@ -78,6 +79,7 @@ BASES = ("total", "non-embedding")
 DEFAULT_TRAIN_TOKENS = 8_192  # 8 steps of 4 x 256: about 4 minutes on a 2-core CPU
 RESCORED = 10  # the zero-shot search's best Shapes per budget, evaluated again on the trained weights
 COMPENSATION_MODES = ("auto", "on", "off")
+TRAIN_TEXTS = ("data", "parent")  # what the elastic run trains on: the text's fit half, or the parent's own text
 DEPTH_METHODS = ("bi", "drop", "dp")
 SUMMARY = "summary.json"
 
@@ -109,6 +111,7 @@ class CompressSettings:
     train_seq_len: int = 256
     train_batch_size: int = 4  # sequences per optimizer step
     train_lr: float = 3e-4
+    train_text: str = "data"  # "data": the fit half of `data`; "parent": text sampled from the parent
 
     def elastic_training(self) -> ElasticTraining:
         return ElasticTraining(
@@ -138,6 +141,8 @@ class CompressSettings:
         for name in ("train_seq_len", "train_batch_size"):
             if getattr(self, name) < (2 if name == "train_seq_len" else 1):
                 raise AnyshapeError(f"{name}={getattr(self, name)} is too small")
+        if self.train_text not in TRAIN_TEXTS:
+            raise AnyshapeError(f"unknown train text {self.train_text!r}; choose one of {', '.join(TRAIN_TEXTS)}")
         if not self.train_lr > 0:
             raise AnyshapeError(f"train_lr={self.train_lr} must be positive")
         return self
@@ -182,6 +187,8 @@ def compress(
     out = Path(out)
     config = load_config(model_ref)
     check_budgets(config, settings)
+    if settings.train_tokens and settings.train_text == "parent":
+        start_token(load_tokenizer(model_ref))  # fails now rather than after the searches
     identity = model_identity(model_ref)
     run_key = input_hash(model=identity, settings=asdict(settings), version=__version__)
     clear_leftovers(out)  # a family whose replacement was killed half-way is put back
@@ -340,7 +347,7 @@ def run_train(
     training = s.elastic_training()
     key = input_hash(
         layers=layers_key, members=[m.to_dict() for m in members], training=asdict(training), data=s.data,
-        eval_tokens=s.eval_tokens, fractions=s.fractions, align=s.align, dtype=s.dtype,
+        eval_tokens=s.eval_tokens, fractions=s.fractions, align=s.align, dtype=s.dtype, text=s.train_text,
     )  # fmt: skip
     folder = work / ELASTIC
     reused = context.stages.done("train", key) and folder.is_dir()
@@ -349,11 +356,7 @@ def run_train(
         parent, texts, run = (context.stages.path(name, "") for name in ("sorted-parent", "train-text", "train-run"))
         export_hf(model(context), Shape.full(context.config), parent, tokenizer, overwrite=True)
         ranked_scores(scores, ranking).save(parent / SCORES_FILENAME)  # training samples compress's layer sets
-        write_texts(
-            texts,
-            {TRAIN_TEXT: tokenizer.decode(context.fit_split.tolist()),
-             HELD_OUT_TEXT: tokenizer.decode(context.check_split.tolist())},
-        )  # fmt: skip
+        write_texts(texts, training_texts(context, training, tokenizer))
         run_settings = elastic_run_settings(training, parent, texts, run, members, s.fractions, s.align)
         trained, held_out = train_elastic(run_settings, context.log)
         export_hf(
@@ -374,6 +377,22 @@ def run_train(
     context.trained = load(folder)
     _timed(context, "train", reused, started)
     return key
+
+
+def training_texts(context: Context, training: ElasticTraining, tokenizer) -> dict[str, str]:
+    """The elastic run's training and held-out text: the fit and check splits of the text, or
+    text sampled from the parent (`train_text` "parent": the run's tokens, and a tenth of them,
+    at least one sequence, held out)."""
+    if context.settings.train_text == "data":
+        return {
+            TRAIN_TEXT: tokenizer.decode(context.fit_split.tolist()),
+            HELD_OUT_TEXT: tokenizer.decode(context.check_split.tolist()),
+        }
+    context.log(f"[train] sampling {training.trained_tokens:,} tokens of text from the parent")
+    held_out = max(training.seq_len, training.trained_tokens // 10)
+    train = sample_text(model(context), tokenizer, training.trained_tokens, training.seq_len, training.seed)
+    return {TRAIN_TEXT: train, HELD_OUT_TEXT: sample_text(model(context), tokenizer, held_out, training.seq_len,
+                                                          training.seed + 1)}  # fmt: skip
 
 
 def elastic_record(settings: CompressSettings, training: ElasticTraining) -> ElasticRecord:

@@ -81,6 +81,9 @@ def write_report(summary: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+_TRAIN_TEXTS = {"data": "the text's calibration half", "parent": "text sampled from the parent"}
+
+
 def _training(summary: dict[str, Any]) -> list[str]:
     """The paragraph on the elastic run the members come from (none for a zero-shot family)."""
     training = summary.get("training")
@@ -91,8 +94,9 @@ def _training(summary: dict[str, Any]) -> list[str]:
     slots |= {f"fixed-{i}": f"{budget:g} member" for i, budget in enumerate(summary["settings"]["budgets"])}
     return [
         f"Every member is a slice of `elastic/`, the sorted parent after one elastic run of "
-        f"{training['tokens']:,} tokens ({training['steps']} steps, {training['seconds'] / 60:.1f} min) distilled "
-        f"from the frozen parent. Held-out perplexity during that run, before -> after: "
+        f"{training['tokens']:,} tokens ({training['steps']} steps, {training['seconds'] / 60:.1f} min) of "
+        f"{_TRAIN_TEXTS[summary['settings'].get('train_text', 'data')]} distilled from the frozen parent. "
+        "Held-out perplexity during that run, before -> after: "
         + "; ".join(f"{name} {before[slot]:.2f} -> {after[slot]:.2f}" for slot, name in slots.items())
         + f" (the parent: {before['teacher']:.2f}).",
         "",

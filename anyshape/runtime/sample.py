@@ -51,9 +51,17 @@ def sample_text(
 ) -> str:
     """About `num_tokens` tokens of text sampled from `model`: sequences of `length` tokens from
     the beginning-of-sequence token, separated by blank lines."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise AnyshapeError("the tokenizer has no beginning- or end-of-sequence token to start sampling from")
-    ids = sample_tokens(model, start, math.ceil(num_tokens / length), length, seed=seed)
+    ids = sample_tokens(model, start_token(tokenizer), math.ceil(num_tokens / length), length, seed=seed)
     texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
     return "\n\n".join(texts)
+
+
+def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token sampled text starts after: beginning-of-sequence, else end-of-sequence."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise AnyshapeError(
+            "the tokenizer has no beginning- or end-of-sequence token to start sampling text from; "
+            "train on a text instead (--train-text data)"
+        )
+    return start

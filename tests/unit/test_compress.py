@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +192,23 @@ def test_the_elastic_run_samples_the_layers_compress_ranked(monkeypatch, tiny_di
     assert spaces[0].layer_sets == expected.layer_sets
 
 
+def test_text_sampled_from_the_parent_trains_the_family_without_a_corpus(taught, text, tmp_path):
+    settings = dataclasses.replace(SETTINGS, data=str(text), compensate="off", train_tokens=4096, train_text="parent")
+    with pytest.raises(anyshape.AnyshapeError, match="no beginning- or end-of-sequence token"):
+        compress(str(taught), tmp_path / "family", settings)  # before any stage runs
+    assert not (tmp_path / ".family.partial").exists()
+    parent = tmp_path / "parent"
+    shutil.copytree(taught, parent)
+    tokenizer = anyshape.load_tokenizer(parent)
+    tokenizer.bos_token = "!"
+    tokenizer.save_pretrained(parent)
+    messages: list[str] = []
+    summary = compress(str(parent), tmp_path / "family", settings, log=messages.append)
+    assert any("sampling 4,096 tokens of text from the parent" in message for message in messages)
+    for member in summary["members"]:
+        assert member["ppl"] < member["zero_shot"]["ppl"], "the parent's own text teaches what cutting lost"
+
+
 def test_any_budget_extracts_from_the_elastic_model_as_its_best_searched_shape(capsys, text, trained_family, tmp_path):
     out, _ = trained_family
     status, stdout, err = run(
@@ -261,6 +279,7 @@ def test_impossible_budget_names_the_smallest_reachable_one(capsys, tiny_dir, tm
         (["--fractions", "0,0.5"], ["fractions", "(0, 1]"]),
         (["--train-tokens", "-1"], ["--train-tokens", "greater than or equal to 0"]),
         (["--train-lr", "0"], ["train_lr=0", "positive"]),
+        (["--train-text", "corpus"], ["train text", "parent"]),
     ],
 )
 def test_bad_compress_options(capsys, tiny_dir, tmp_path, args, words):

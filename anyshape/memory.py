@@ -7,7 +7,9 @@ teacher's weights when one teaches instead of the largest Shape. Per token
 and decoder layer, the forward saves about 4H + 5 Q d + 3 G d + 4F + Q T values (norm inputs and
 outputs; queries, keys, values, rotated copies and attention output; gate, up, their activation
 and product; attention probabilities, which a CPU attention keeps), and with adapters 5H + Q d + F
-more (each adapted projection's input, again). On SmolLM2-135M in float32 on the CPU the estimate
+more (each adapted projection's input, again). With activation checkpointing the forward keeps
+only each layer's input (H per token and layer) and one layer's activations at a time, while
+its backward recomputes them. On SmolLM2-135M in float32 on the CPU the estimate
 is within 10% of the measured peak (bench/memory.py, docs/reliability.md).
 """
 
@@ -60,18 +62,21 @@ def training_memory(
     bytes_per_value: int = 4,
     teacher_parameters: int = 0,
     teacher_bytes_per_value: int = 4,
+    checkpointing: bool = False,
 ) -> MemoryEstimate:
     """The peak of one training step of `shape` on a micro-batch of `sequences` x `seq_len`
     tokens, with `parameters` weights of which `trainable` learn (AdamW), through `adapters` or not,
     beside a frozen teacher of `teacher_parameters` weights of `teacher_bytes_per_value` bytes each
-    (its logits take the place of the largest Shape's no-grad ones, already counted)."""
+    (its logits take the place of the largest Shape's no-grad ones, already counted), with layer
+    `checkpointing` or not."""
     d, groups, queries = config.head_dim, shape.num_key_value_heads, shape.num_attention_heads
     per_layer = 4 * shape.hidden_size + 5 * queries * d + 3 * groups * d + 4 * shape.intermediate_size
     per_layer += queries * seq_len
     if adapters:
         per_layer += 5 * shape.hidden_size + queries * d + shape.intermediate_size
     tokens = sequences * seq_len
-    activations = tokens * per_layer * len(shape.layers) * bytes_per_value
+    kept = shape.hidden_size * len(shape.layers) + per_layer if checkpointing else per_layer * len(shape.layers)
+    activations = tokens * kept * bytes_per_value
     logits = 4 * tokens * config.vocab_size * 4  # float32: logits, log-softmax, its gradient, the teacher's
     teacher = teacher_parameters * teacher_bytes_per_value
     return MemoryEstimate(parameters * bytes_per_value, 3 * trainable * 4, activations, logits, teacher)

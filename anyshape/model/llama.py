@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -240,6 +241,7 @@ class ElasticLlama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.checkpoint_layers = False  # recompute each layer's activations in backward instead of keeping them
 
     @property
     def full_shape(self) -> Shape:
@@ -273,8 +275,13 @@ class ElasticLlama(nn.Module):
             x = x * hidden_mask
         start = 0 if cache is None else cache.length
         rope = self.rope(input_ids.shape[1], x.dtype, start)
+        recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for i, index in enumerate(shape.layers):
-            x = self.model.layers[index](x, rope, shape, None if cache is None else cache.layers[i], gates[index])
+            layer, past = self.model.layers[index], None if cache is None else cache.layers[i]
+            if recompute:  # keeps only the layer's input x; the backward runs its forward again
+                x = checkpoint(layer, x, rope, shape, past, gates[index], use_reentrant=False)
+            else:
+                x = layer(x, rope, shape, past, gates[index])
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.model.norm(x, shape, hidden_mask)

@@ -143,6 +143,7 @@ def _train(
         data = training_data(settings, context)
         mixture, batches, val = None, Batches(data.train, micro_batch, settings.seed), data.val
     model = load(settings.model).to(device)
+    model.checkpoint_layers = settings.activation_checkpointing
     space = training_space(settings, model.config)
     sampler = ShapeSampler(
         space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
@@ -444,7 +445,7 @@ def _check_memory(
         sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
         adapters=settings.adapter != "full",
         teacher_parameters=Shape.full(teacher).num_parameters(teacher) if teacher is not None else 0,
-        teacher_bytes_per_value=2 if bf16 else 4,
+        teacher_bytes_per_value=2 if bf16 else 4, checkpointing=settings.activation_checkpointing,
     )  # fmt: skip
     if settings.max_memory is not None:
         limit = parse_size(settings.max_memory)

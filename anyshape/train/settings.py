@@ -149,6 +149,11 @@ class TrainSettings:
         metavar="SIZE",
     )
     precision: str = setting("auto", "auto (bf16 autocast on a CUDA GPU that has it, else fp32), fp32 or bf16.")
+    activation_checkpointing: bool = setting(
+        False,
+        "Keep only each decoder layer's input and recompute the layer in the backward pass: a fraction of the "
+        "activation memory, for about a third more compute.",
+    )
     distributed: str = setting("ddp", "Under torchrun: ddp, or fsdp (sharded per decoder layer).")
     val_fraction: float = setting(0.05, "Held-out share of --data without --val-data.")
     val_batches: int = setting(4, "Held-out batches per evaluation.", min=1)

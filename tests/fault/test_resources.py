@@ -38,6 +38,9 @@ def test_estimate_grows_with_the_micro_batch_and_the_trainable_parameters(tiny_d
     assert two.weights == one.weights == 4 * parameters and one.optimizer == 12 * parameters
     frozen = training_memory(config, full, 1, 64, parameters, 0)
     assert frozen.optimizer == 0 and frozen.total == one.total - one.optimizer
+    recomputed = training_memory(config, full, 1, 64, parameters, parameters, checkpointing=True)
+    per_layer = one.activations // config.num_hidden_layers  # what one layer keeps without checkpointing
+    assert recomputed.activations == per_layer + 64 * config.hidden_size * config.num_hidden_layers * 4
 
 
 def test_a_step_over_max_memory_is_refused_before_the_run_starts(tiny_dir, tmp_path, capsys):

@@ -257,3 +257,20 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeyp
     assert [record["skipped"] for record in history] == [False, True, False]
     assert any("step 2" in line and "skipped" in line for line in said)
     assert all(torch.isfinite(p).all() for p in anyshape.load(settings.out).parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_training(settings, tiny_dir):
+    model = anyshape.load(tiny_dir(PARENT))
+    shape = Shape.from_dict(SMALL, model.config)
+    gradients = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.checkpoint_layers = recompute
+        model(INPUT_IDS, shape).logsumexp(-1).mean().backward()
+        gradients.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(gradients[0]) == len(gradients[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True)), "the backward recomputes the same layers"
+    plain = train(replace(settings, out=settings.out + "-plain"))
+    recomputed = train(replace(settings, activation_checkpointing=True))
+    assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert_same_state(anyshape.load(settings.out), anyshape.load(settings.out + "-plain"))

@@ -1,6 +1,6 @@
 """The training memory estimate (anyshape.memory) against the measured peak, SmolLM2-135M.
 
-    .venv/bin/python bench/memory.py            # three micro-batches, full fine-tuning and LoRA
+    .venv/bin/python bench/memory.py            # three micro-batches, full fine-tuning, LoRA, checkpointing
 
 Each case trains 2 steps in its own process (float32, on the CPU) and reports its peak resident
 memory (ru_maxrss) beside the estimate that `anyshape train` checks before its first batch.
@@ -14,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ((2, 128, "full"), (4, 256, "full"), (8, 256, "full"), (4, 256, "lora"))
+CASES = ((2, 128, "full"), (4, 256, "full"), (8, 256, "full"), (4, 256, "lora"), (8, 256, "full+checkpointing"))
 
 
 def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
-    """(estimated, measured) peak GiB of a 2-step run."""
+    """(estimated, measured) peak GiB of a 2-step run; adapter "full+checkpointing" is full
+    fine-tuning with --activation-checkpointing."""
     import anyshape.memory
     from anyshape.train.loop import train
     from anyshape.train.settings import TrainSettings
@@ -33,7 +34,8 @@ def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
     anyshape.train.loop.check_memory = keep
     settings = TrainSettings(
         model="smollm2-135m", out=tempfile.mkdtemp() + "/run", steps=2, seq_len=seq_len, batch_size=batch,
-        adapter=adapter, save_every=100, eval_every=100, precision="fp32",
+        adapter=adapter.removesuffix("+checkpointing"), activation_checkpointing=adapter.endswith("+checkpointing"),
+        save_every=100, eval_every=100, precision="fp32",
     )  # fmt: skip
     train(settings, overwrite=True)
     return estimates[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

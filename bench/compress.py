@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         num_sequences=args.num_sequences,
         trials=4 if args.quick else args.trials,
         ridge=args.ridge,
+        train_tokens=0,  # the zero-shot family: bench/heal.py measures what training adds
     )
     print(f"compress: {settings}", flush=True)
     summary = compress("smollm2-135m", args.out, settings, overwrite=True, log=lambda m: print(m, flush=True))

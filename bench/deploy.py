@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = CompressSettings(
         budgets=BUDGETS, budget_basis="non-embedding", data=str(args.data / "wikitext-2" / "wiki.valid.tokens"),
         num_sequences=16, trials=4 if args.quick else 24,
+        train_tokens=0,  # the zero-shot family: a member absent here is rebuilt from the parent alone
     )  # fmt: skip
     if args.quality_json or "family" not in parts:  # a family made earlier, maybe elsewhere
         summary = json.loads((args.family / "summary.json").read_text())

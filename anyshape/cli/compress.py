@@ -90,8 +90,9 @@ def compress_command(
     train_text: Annotated[
         str,
         typer.Option(
-            help="What the elastic run trains on: data (the calibration half of --data) or parent (text the "
-            "parent samples itself: no corpus needed, and the parent's own distribution).",
+            help="What the elastic run trains on: parent (text the parent samples itself: no corpus needed, "
+            "the parent's own distribution, and better than the embedded text on general tasks) or data "
+            "(the calibration half of --data: your corpus).",
             rich_help_panel=TRAINING,
         ),
     ] = DEFAULTS.train_text,

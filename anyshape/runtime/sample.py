@@ -47,11 +47,16 @@ def sample_tokens(
 
 
 def sample_text(
-    model: ElasticLlama, tokenizer: PreTrainedTokenizerBase, num_tokens: int, length: int = 256, seed: int = 0
+    model: ElasticLlama,
+    tokenizer: PreTrainedTokenizerBase,
+    num_tokens: int,
+    length: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
 ) -> str:
     """About `num_tokens` tokens of text sampled from `model`: sequences of `length` tokens from
     the beginning-of-sequence token, separated by blank lines."""
-    ids = sample_tokens(model, start_token(tokenizer), math.ceil(num_tokens / length), length, seed=seed)
+    ids = sample_tokens(model, start_token(tokenizer), math.ceil(num_tokens / length), length, batch_size, seed)
     texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
     return "\n\n".join(texts)
 

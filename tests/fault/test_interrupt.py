@@ -286,7 +286,7 @@ def test_compress_killed_and_resumed_equals_an_uninterrupted_run(tiny_dir, text,
     args = [
         "compress", str(tiny_dir(PARENT)), "--out", "family", "--data", str(text), "--num-sequences", "4",
         "--sequence-length", "32", "--search-sequences", "2", "--search-length", "32", "--trials", "5",
-        "--eval-tokens", "512", "--budgets", "0.5,0.8",
+        "--eval-tokens", "512", "--budgets", "0.5,0.8", "--train-text", "data",
     ]  # fmt: skip
 
     def family_loads(folder: Path) -> None:
@@ -437,7 +437,7 @@ def test_a_replacement_killed_between_its_two_renames_puts_the_previous_family_b
     window of microseconds, so made by hand): re-running puts the old family back first."""
     settings = CompressSettings(
         budgets=(0.5,), data=str(text), num_sequences=4, sequence_length=32, search_sequences=2, search_length=32,
-        trials=3, eval_tokens=512,
+        trials=3, eval_tokens=512, train_text="data",
     )  # fmt: skip
     out = tmp_path / "family"
     compress(str(tiny_dir(PARENT)), out, settings)

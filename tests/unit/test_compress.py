@@ -42,10 +42,11 @@ SMALL = [
     "--num-sequences", "4", "--sequence-length", "32", "--search-sequences", "2", "--search-length", "32",
     "--trials", "5", "--eval-tokens", "512", "--budgets", "0.5,0.8",
     "--train-tokens", "1024", "--train-seq-len", "32", "--train-batch-size", "4", "--train-lr", "0.001",
+    "--train-text", "data",
 ]  # fmt: skip
 SETTINGS = CompressSettings(
     budgets=(0.5, 0.8), num_sequences=4, sequence_length=32, search_sequences=2, search_length=32, trials=5,
-    eval_tokens=512, train_tokens=1024, train_seq_len=32, train_batch_size=4, train_lr=0.001,
+    eval_tokens=512, train_tokens=1024, train_seq_len=32, train_batch_size=4, train_lr=0.001, train_text="data",
 )  # fmt: skip
 
 

@@ -322,8 +322,7 @@ def markdown_report(report: FamilyReport, plot_name: str) -> str:
         f"# Deployment report: {report.family}",
         "",
         f"The parent `{report.parent}` and the {sum(m.role == 'member' for m in report.models)} members of the "
-        "family, each measured "
-        "as it is stored.",
+        "family, each measured as it is stored.",
         "",
         "- **Parameters**: total, and non-embedding (without the embedding and LM-head matrices).",
         "- **File**: the weight files on disk, in MB (10^6 bytes), and bytes per parameter; members: their "

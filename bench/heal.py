@@ -1,9 +1,9 @@
 """What training the family buys, and the best way to spend its tokens (SmolLM2-135M).
 
     .venv/bin/python bench/heal.py                                   # the default tokens, every way
-    .venv/bin/python bench/heal.py --tokens 32768 --ways frozen       # 4x the default tokens
+    .venv/bin/python bench/heal.py --tokens 24576 --ways frozen       # 4x the default tokens
     .venv/bin/python bench/heal.py --quick                           # a smoke run
-    python bench/heal.py --device cuda --tokens 819200               # on a GPU: 100x the default
+    python bench/heal.py --device cuda --tokens 614400               # on a GPU: 100x the default
 
 1. The zero-shot family: `compress` at 25/50/75% of the non-embedding parameters with
    --train-tokens 0 --compensate off, on ../shared/data/wikitext-2/wiki.valid.tokens (kept and
@@ -15,14 +15,15 @@
      separate    each member alone, distilled from the frozen parent, with the same tokens each
      compensated the frozen run's members, compensated as compress does (32 x 512 fit windows)
    and, to choose the main job's default training text, the frozen way on other text:
-     embedded-text  the embedded default text (the Python language reference), as the main job
+     embedded-text  the embedded default text (the Python language reference)
      parent-text    text sampled from the parent itself (temperature 1, from the BOS token)
 3. Every member (the zero-shot Shapes, plain slices of each way's weights, and the zero-shot
    members compensated: the zero-shot family compress makes by default) is judged by the
    WikiText-2 test protocol perplexity and by hellaswag, lambada and boolq accuracy (--limit
    documents each), as the parent is.
 
-Goals: the frozen way's 50% and 25% members at most 0.5x the zero-shot members' perplexity;
+Goals: the trained 50% and 25% members at most 0.5x the zero-shot members' perplexity (frozen
+against the plain slices, compensated against the compensated zero-shot members);
 the frozen way within 5% of the separate way per member (training once instead of three times).
 Results: OUT/results.json (written after every model, and reused: a rerun measures only what is
 missing) and OUT/results.md.

@@ -6,7 +6,7 @@
     python bench/heal.py --device cuda --tokens 614400               # on a GPU: 100x the default
 
 1. The zero-shot family: `compress` at 25/50/75% of the non-embedding parameters with
-   --train-tokens 0 --compensate off, on ../shared/data/wikitext-2/wiki.valid.tokens (kept and
+   --train-tokens 0 --compensate off, on WikiText-2's wiki.valid.tokens (in --data; kept and
    reused): the members' Shapes and the sorted parent they are cut from.
 2. The same training tokens of wiki.valid.tokens (its first 90%; the rest is the held-out text
    training logs) are spent in each of these ways:

@@ -23,11 +23,11 @@ def sample_tokens(
     model: ElasticLlama, start: int, num_sequences: int, length: int, batch_size: int = 16, seed: int = 0
 ) -> torch.Tensor:
     """(num_sequences, length) token ids the full model samples after the token `start`, which
-    is not included; a pure function of `seed`."""
+    is not included; a pure function of `seed` on a given device."""
     if num_sequences < 1 or length < 1:
         raise AnyshapeError(f"cannot sample {num_sequences} sequences of {length} tokens; give at least 1 of each")
-    generator = torch.Generator().manual_seed(seed)
     device = model.inv_freq.device
+    generator = torch.Generator(device).manual_seed(seed)  # on the model's device: no copy of the logits per token
     shape = model.full_shape
     batches = []
     with tqdm(total=num_sequences * length, desc="sampling text", unit="tok") as bar:
@@ -39,7 +39,7 @@ def sample_tokens(
             for _ in range(length):
                 hidden = model.hidden_states(tokens, shape, cache)[:, -1]  # (b, H)
                 probs = torch.softmax(model.lm_head_logits(hidden, shape).float(), dim=-1)  # (b, V)
-                tokens = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (b, 1)
+                tokens = torch.multinomial(probs, 1, generator=generator)  # (b, 1)
                 sampled.append(tokens)
                 bar.update(count)
             batches.append(torch.cat(sampled, dim=1))

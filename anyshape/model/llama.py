@@ -4,7 +4,8 @@ Parameter names are the Hugging Face names, so checkpoints load and export by ke
 `forward(input_ids, shape=...)` takes the Shape as an argument: nothing about a sub-network
 is stored on the modules, and a smaller Shape does proportionally less work. For incremental
 decoding, `forward(input_ids, shape, cache=KVCache(shape))` remembers the keys and values of
-the tokens seen so far, so each call only runs the new tokens.
+the tokens seen so far, so each call only runs the new tokens; given one KVCache per row,
+rows of different lengths decode in one batch (a server's continuous batching).
 
 Notation: B batch, T tokens, H' hidden channels, Q'/G' query/key-value heads, d head_dim,
 F' MLP neurons, V vocabulary (primes: the Shape's widths).
@@ -111,29 +112,39 @@ class Attention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         shape: Shape,
-        past: LayerKV | None = None,
+        past: LayerKV | Sequence[LayerKV] | None = None,
         head_mask: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, T, H') -> (B, T, H'). rope: cos and sin at the T tokens' positions, each (T, d).
-        `past`: this layer's keys and values of the earlier tokens, extended in place with the
-        T new ones (which then come last: positions T_past..T_past + T - 1). `head_mask` (Q' d,):
-        multiplies the heads' outputs entering o_proj (a MaskedShape's `LayerGates.heads`)."""
+        """x: (B, T, H') -> (B, T, H'). rope: cos and sin at the T tokens' positions, each (T, d),
+        or (B, 1, T, d) where the rows' positions differ. `past`: this layer's keys and values
+        of the earlier tokens, extended in place with the T new ones (which then come last:
+        positions T_past..T_past + T - 1); or B of them, one per row, each of batch 1 and of its
+        own length. `head_mask` (Q' d,): multiplies the heads' outputs entering o_proj (a
+        MaskedShape's `LayerGates.heads`)."""
         B, T, _ = x.shape
         d = self.config.head_dim
         q = self.q_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
         k = self.k_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
         v = self.v_proj(x, shape).view(B, T, -1, d).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, Q', T, d), (B, G', T, d)
-        if past is not None:
-            k, v = past.append(k, v)  # (B, G', S, d), S = T_past + T
-        mask = self._mask(T, k.shape[2], x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=q.shape[1] != k.shape[1]
-        )  # (B, Q', T, d)
+        if past is None or isinstance(past, LayerKV):
+            y = self._attend(q, *(past.append(k, v) if past is not None else (k, v)))  # (B, Q', T, d)
+        else:  # each row attends to its own cache
+            rows = zip(q.split(1), k.split(1), v.split(1), past, strict=True)
+            y = torch.cat([self._attend(q_b, *kv.append(k_b, v_b)) for q_b, k_b, v_b, kv in rows])
         y = self.head_outputs(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Q' d)
         if head_mask is not None:
             y = y * head_mask
         return self.o_proj(y, shape)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention of the T newest queries q (B, Q', T, d) over the S keys
+        and values k, v (B, G', S, d), the queries last among them -> (B, Q', T, d)."""
+        T, S = q.shape[2], k.shape[2]
+        mask = self._mask(T, S, q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=q.shape[1] != k.shape[1]
+        )
 
     def _mask(self, T: int, S: int, device: torch.device) -> Tensor | None:
         """Which of the S keys each of the T newest queries sees: (T, S), True = attend; causal,
@@ -203,7 +214,7 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         shape: Shape,
-        past: LayerKV | None = None,
+        past: LayerKV | Sequence[LayerKV] | None = None,
         gates: LayerGates | None = None,
     ) -> Tensor:
         """x: (B, T, H') -> (B, T, H'); rope and past as Attention takes them. With `gates` (a
@@ -256,16 +267,25 @@ class ElasticLlama(nn.Module):
         shape = shape or self.full_shape
         return self.lm_head_logits(self.hidden_states(input_ids, shape, cache), shape)
 
-    def hidden_states(self, input_ids: Tensor, shape: Shape, cache: KVCache | None = None) -> Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, H'), after the cache's tokens.
-        A MaskedShape runs the full model with its masks (H' = H, zero outside the kept channels)."""
-        if isinstance(shape, MaskedShape) and cache is not None:
+    def hidden_states(
+        self, input_ids: Tensor, shape: Shape, cache: KVCache | Sequence[KVCache] | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> final-normed hidden states (B, T, H'), after the cache's tokens;
+        or, given B caches of batch 1 (continuous batching: sequences of different lengths),
+        row b's tokens after cache b's. A MaskedShape runs the full model with its masks
+        (H' = H, zero outside the kept channels)."""
+        ragged = cache is not None and not isinstance(cache, KVCache)  # one cache per row
+        caches = [] if cache is None else list(cache) if ragged else [cache]
+        if isinstance(shape, MaskedShape) and caches:
             raise AnyshapeError("a MaskedShape trains a router and cannot decode with a KVCache; pass a Shape")
-        if cache is not None and cache.shape != shape:
-            raise AnyshapeError(
-                f"this KVCache holds keys and values of Shape {cache.shape.to_json()}, not of {shape.to_json()}; "
-                "start a new KVCache(shape) for another Shape"
-            )
+        for held in caches:
+            if held.shape != shape:
+                raise AnyshapeError(
+                    f"this KVCache holds keys and values of Shape {held.shape.to_json()}, not of {shape.to_json()}; "
+                    "start a new KVCache(shape) for another Shape"
+                )
+        if ragged and len(caches) != input_ids.shape[0]:
+            raise AnyshapeError(f"{len(caches)} caches for a batch of {input_ids.shape[0]}; give one per row")
         embedding = slice_parameter("embed_tokens.weight", self.model.embed_tokens.weight, self.config, shape)
         x = F.embedding(input_ids, embedding)  # (B, T, H')
         hidden_mask: Tensor | None = None  # (H,)
@@ -273,17 +293,22 @@ class ElasticLlama(nn.Module):
         if isinstance(shape, MaskedShape):
             hidden_mask, gates = shape.hidden_mask, shape.layer_gates(self.config)
             x = x * hidden_mask
-        start = 0 if cache is None else cache.length
-        rope = self.rope(input_ids.shape[1], x.dtype, start)
+        T = input_ids.shape[1]
+        if ragged:  # each row at its own positions: cos, sin (B, 1, T, d)
+            rows = [self.rope(T, x.dtype, held.length) for held in caches]
+            rope = torch.stack([cos for cos, _ in rows])[:, None], torch.stack([sin for _, sin in rows])[:, None]
+        else:
+            rope = self.rope(T, x.dtype, caches[0].length if caches else 0)
         recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for i, index in enumerate(shape.layers):
-            layer, past = self.model.layers[index], None if cache is None else cache.layers[i]
+            layer = self.model.layers[index]
+            past = [held.layers[i] for held in caches] if ragged else caches[0].layers[i] if caches else None
             if recompute:  # keeps only the layer's input x; the backward runs its forward again
                 x = checkpoint(layer, x, rope, shape, past, gates[index], use_reentrant=False)
             else:
                 x = layer(x, rope, shape, past, gates[index])
-        if cache is not None:
-            cache.length += input_ids.shape[1]
+        for held in caches:
+            held.length += T
         return self.model.norm(x, shape, hidden_mask)
 
     def lm_head_logits(self, hidden: Tensor, shape: Shape) -> Tensor:

@@ -85,3 +85,27 @@ def test_a_cache_belongs_to_one_shape(tiny_models):
     other = Shape.from_dict({"num_hidden_layers": 2}, model.config)
     with pytest.raises(AnyshapeError, match="start a new KVCache"):
         model(INPUT_IDS, other, cache=cache)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@torch.no_grad()
+def test_rows_with_caches_of_their_own_lengths_decode_together(tiny_models, name):
+    """Continuous batching: sequences of 3, 9 and 14 tokens (past the sliding window), each
+    prefilled alone, then decoded two tokens at a time in one batch of one cache per row, give
+    every row the logits of its own full forward."""
+    model = tiny_models[name]
+    shape = Shape.from_dict(SHAPES["smaller"](model.config), model.config)
+    sequence = INPUT_IDS[0]
+    lengths = (3, 9, 14)
+    caches = [KVCache(shape) for _ in lengths]
+    for cache, length in zip(caches, lengths, strict=True):
+        model(sequence[None, :length], shape, cache=cache)
+    for step in range(2):
+        batch = torch.stack([sequence[length + step : length + step + 1] for length in lengths])  # (3, 1)
+        logits = model(batch, shape, cache=caches)[:, -1]  # (3, V)
+        for row, length in enumerate(lengths):
+            expected = model(sequence[None, : length + step + 1], shape)[0, -1]
+            assert (logits[row] - expected).abs().max() < 1e-5
+    assert [cache.length for cache in caches] == [length + 2 for length in lengths]
+    with pytest.raises(AnyshapeError, match="3 caches for a batch of 2"):
+        model(batch[:2], shape, cache=caches)

@@ -47,7 +47,7 @@ class Chat:
     def reply(self, message: str, max_new_tokens: int = 256, sampling: Sampling = Sampling()) -> Iterator[str]:  # noqa: B008
         """Streams the answer to `message` as text pieces; once it is complete, the message and
         the answer join the conversation."""
-        prompt = self._prompt_tokens([*self.messages, {"role": "user", "content": message}])
+        prompt = prompt_tokens(self.tokenizer, [*self.messages, {"role": "user", "content": message}])
         answer: list[int] = []
 
         def recorded() -> Iterator[int]:
@@ -59,15 +59,18 @@ class Chat:
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
 
-    def _prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """The token ids the model reads before its answer to the last message."""
-        if not self.templated:
-            return self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
-        try:
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-        except TemplateError as error:
-            raise AnyshapeError(
-                f"the model's chat template refuses this conversation ({error}); "
-                "if it names the system role, leave out --system"
-            ) from None
-        return list(encoded["input_ids"])
+
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids a model reads before its answer to the last of `messages`: rendered by the
+    tokenizer's chat template, ending in the assistant's cue; without one, the contents on
+    separate lines as plain text."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    except TemplateError as error:
+        raise AnyshapeError(
+            f"the model's chat template refuses this conversation ({error}); "
+            "if it names the system role, leave out the system message"
+        ) from None
+    return list(encoded["input_ids"])

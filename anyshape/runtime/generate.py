@@ -120,21 +120,40 @@ def generate(
     return Decoder(model, shape).generate(prompt, max_new_tokens, sampling, stop_tokens)
 
 
+class TextStream:
+    """Text of tokens given one at a time, in pieces, each as soon as it is whole: a token that
+    ends inside a multi-byte character (decoded as U+FFFD) waits for the tokens that complete it.
+    Special tokens are left out. The pieces join to `tokenizer.decode(tokens, skip_special_tokens=True)`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = ""  # the text of the pieces given so far
+
+    def push(self, token: int) -> str:
+        """The new whole text after `token` ("" while a character is incomplete)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+    def flush(self) -> str:
+        """The rest of the text, once the tokens have ended (inside a character, perhaps)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
 def stream_text(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[int]) -> Iterator[str]:
-    """The text of `tokens` in pieces, each as soon as it is whole: a token that ends inside a
-    multi-byte character (decoded as U+FFFD) waits for the tokens that complete it. Special
-    tokens are left out. The pieces join to `tokenizer.decode(tokens, skip_special_tokens=True)`."""
-    ids: list[int] = []
-    shown = ""
+    """The text of `tokens` in non-empty pieces as `TextStream` gives them."""
+    stream = TextStream(tokenizer)
     for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text != shown and not text.endswith("\ufffd"):
-            yield text[len(shown) :]
-            shown = text
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if text != shown:  # the tokens ended inside a character
-        yield text[len(shown) :]
+        if piece := stream.push(token):
+            yield piece
+    if piece := stream.flush():
+        yield piece
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

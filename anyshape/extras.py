@@ -14,6 +14,9 @@ EXTRAS = {  # module -> (the extra that installs it, its package)
     "llama_cpp": ("llamacpp", "llama-cpp-python"),
     "optuna": ("search", "optuna"),
     "matplotlib": ("plots", "matplotlib"),
+    "fastapi": ("serve", "fastapi"),
+    "uvicorn": ("serve", "uvicorn"),
+    "prometheus_client": ("serve", "prometheus-client"),
 }
 
 

@@ -22,6 +22,7 @@ from anyshape.cli import (  # noqa: F401  (each registers its command on the app
     route,
     rpd,
     search,
+    serve,
     share,
     sort,
     train,

@@ -7,7 +7,7 @@
                                        what works on a model: scores, Shapes, export, metrics
     3  train, checkpoints, router, prune, share, compress
                                        methods that train or transform a model
-    4  deploy                          tools across runtimes: speed, the family report
+    4  deploy, serve                   tools across runtimes: speed, the family report; the server
     5  cli, __main__, and the package root (the public API)
 
 Every import counts, a lazy one inside a function too; only those under `if TYPE_CHECKING:`
@@ -27,10 +27,10 @@ TIERS = {
     "model": 1,
     **dict.fromkeys(("data", "memory", "importance", "search", "export", "runtime", "evaluate"), 2),
     **dict.fromkeys(("train", "checkpoints", "router", "prune", "share", "compress"), 3),
-    "deploy": 4,
+    **dict.fromkeys(("deploy", "serve"), 4),
     **dict.fromkeys(("cli", "__main__", ""), 5),  # "": the package root, anyshape/__init__.py
 }
-HEAVY = ("lm_eval", "gguf", "llama_cpp", "optuna", "matplotlib")
+HEAVY = ("lm_eval", "gguf", "llama_cpp", "optuna", "matplotlib", "fastapi", "uvicorn", "prometheus_client")
 
 
 def module_name(path: Path) -> str:

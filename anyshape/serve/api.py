@@ -171,6 +171,10 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return error.response()
 
+    @app.exception_handler(AnyshapeError)
+    async def bad_input(request: Request, error: AnyshapeError) -> JSONResponse:
+        return ApiError(400, str(error)).response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
@@ -201,7 +205,7 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
                     "owned_by": "anyshape",
                     "num_parameters": sizes[name].shape.num_parameters(model.config),
                     "decode_ms": round(sizes[name].decode_ms, 3),
-                }  # fmt: skip
+                }
                 for name in catalog.names
             ],
         }
@@ -221,7 +225,6 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
 
     async def answer(body: GenerationBody, prompt: list[int], wanted: int | None, chat: bool) -> Any:
         refuse_unsupported(body)
-        name, shape, degraded_from = await size_for(body)
         if not prompt:
             raise ApiError(400, "the prompt is empty", "prompt")
         if any(not 0 <= token < model.config.vocab_size for token in prompt):
@@ -235,6 +238,7 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
                 400, f"max_tokens={count} is too large: at most {min(room, max_tokens)} for this prompt of "
                 f"{len(prompt)} tokens (context {context}, server limit {max_tokens})", "max_tokens",
             )  # fmt: skip
+        name, shape, degraded_from = await size_for(body)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         generation = Generation(

@@ -23,9 +23,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import anyshape
 from anyshape import Shape
 from anyshape.compress.elastic import ELASTIC
+from anyshape.router.control import RouterControl, load_router
 from anyshape.runtime.chat import stop_tokens
 from anyshape.runtime.generate import Sampling, generate
+from anyshape.search.budget import Budget
 from anyshape.serve.engine import Engine, QueueFull, Request
+from anyshape.train.loop import train
+from anyshape.train.settings import TrainSettings
 from tests.conftest import byte_tokenizer
 from tests.unit.test_chat import TEMPLATE
 from tests.unit.test_cli import run
@@ -150,6 +154,38 @@ def test_a_budget_between_the_members_is_searched_on_the_weights(server, family)
     assert completion.choices[0].text == expected_completion(family, "Hello", shape, 8)
 
 
+@pytest.fixture(scope="module")
+def router_run(tiny_dir, tmp_path_factory) -> Path:
+    """A `train --router` run of the tiny Llama 3 (a few steps: the router's choices, not their quality)."""
+    root = tmp_path_factory.mktemp("router")
+    data = root / "train.txt"
+    data.write_text(" ".join(f"Sentence {i} counts to {i % 9}." for i in range(200)))
+    settings = TrainSettings(
+        model=str(tiny_dir("llama3-gqa")), data=str(data), out=str(root / "run"), router=True, align=16,
+        fractions=(0.25, 0.5, 0.75, 1.0), anchors=(0.25, 0.5, 0.75), steps=3, batch_size=2, seq_len=32,
+        save_every=3, eval_every=3, warmup_steps=1, val_batches=1,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANYSHAPE_CACHE", str(root / "cache"))
+        train(settings, controller=RouterControl)
+    return Path(settings.out)
+
+
+def test_a_router_run_serves_any_budget_by_its_router(router_run):
+    with serving(router_run) as running:
+        api = client(running)
+        names = [model.id for model in api.models.list().data]
+        assert names == ["anyshape", "anyshape@1", "anyshape@0.75", "anyshape@0.5", "anyshape@0.25"]
+        completion = api.completions.create(
+            model="anyshape", prompt="Hello", max_tokens=6, temperature=0, extra_body={"budget": 0.6}
+        )
+    assert completion.model == "anyshape@0.6"
+    router = load_router(router_run)
+    shape = router.route(Budget(0.6, router.basis)).shape
+    assert shape != Shape.full(router.space.config)
+    assert completion.choices[0].text == expected_completion(router_run, "Hello", shape, 6)
+
+
 def test_concurrent_requests_decode_together_and_answer_as_sequential_ones(server):
     api = client(server)
 
@@ -168,6 +204,22 @@ def test_concurrent_requests_decode_together_and_answer_as_sequential_ones(serve
         del model.hidden_states
     assert concurrent == sequential
     assert max(batches) > 1  # some decode steps ran several requests at once
+
+
+def test_a_bounded_load_of_mixed_sizes_is_answered_in_full(server):
+    """200 requests, 8 at a time, by name, budget and latency: no errors, every one answered."""
+    asks = [{"model": "anyshape"}, {"model": "anyshape@0.5"}, {"model": "anyshape", "budget": 0.8},
+            {"model": "anyshape", "max_latency_ms": 1e6}]  # fmt: skip
+
+    def ask(i: int) -> tuple[int, dict]:
+        body = {**asks[i % len(asks)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 4, "temperature": 0}
+        status, answer, _ = post(server, "/v1/completions", body)
+        return status, answer
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(200)))
+    assert [status for status, _ in answers] == [200] * 200
+    assert all(answer["usage"]["completion_tokens"] == 4 for _, answer in answers)
 
 
 def test_sampling_is_reproducible_by_seed(server):

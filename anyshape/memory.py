@@ -1,16 +1,20 @@
 """An up-front estimate of a training run's peak memory, checked before anything is allocated.
 
-A step holds the weights, the trainable parameters' gradients and AdamW moments, the saved
-activations of one forward pass (each Shape's backward runs before the next Shape's forward) and
-the logits (the student's, their log-softmax and gradient, the no-grad teacher's), and a frozen
-teacher's weights when one teaches instead of the largest Shape. Per token
-and decoder layer, the forward saves about 4H + 5 Q d + 3 G d + 4F + Q T values (norm inputs and
-outputs; queries, keys, values, rotated copies and attention output; gate, up, their activation
-and product; attention probabilities, which a CPU attention keeps), and with adapters 5H + Q d + F
-more (each adapted projection's input, again). With activation checkpointing the forward keeps
-only each layer's input (H per token and layer) and one layer's activations at a time, while
-its backward recomputes them. On SmolLM2-135M in float32 on the CPU the estimate
-is within 10% of the measured peak (bench/memory.py, docs/reliability.md).
+A step holds the weights, AdamW's two moments of the trainable parameters and their gradients
+(where one backward pass's gradients wait through another's: several Shapes or micro-batches a
+step), the saved activations of one forward pass (each Shape's backward runs before the next
+Shape's forward), the logits, and a frozen teacher's weights when one teaches instead of the
+largest Shape. Per token and decoder layer, the forward saves about 4H + 5 Q d + 3 G d + 4F
+values (norm inputs and outputs; queries, keys, values, rotated copies and attention output;
+gate, up, their activation and product), with adapters 5H + Q d + F more (each adapted
+projection's input, again), and Q T attention probabilities where a sliding-window mask keeps
+SDPA off its fused kernels; under bfloat16 autocast all but the norms' inputs in 2 bytes. With
+activation checkpointing the forward keeps only each layer's input (H per token and layer) and
+one layer's activations at a time. The losses read the LM head a chunk of rows at a time
+(`anyshape.model.head`), so the logits are one chunk's (logits, softmax, gradient in float32),
+the teacher's whole (B, S, V) in the autocast dtype, and the head's gradient. On SmolLM2-135M
+in float32 on the CPU the estimate is within 10% of the measured peak (bench/memory.py,
+docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from anyshape.errors import AnyshapeError
 from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.head import chunk_rows
 from anyshape.shape import Shape
 
 GiB = 2**30
@@ -35,7 +40,7 @@ class MemoryEstimate:
     """Bytes of each part of a training step's peak."""
 
     weights: int
-    optimizer: int  # gradients and AdamW's two moments of the trainable parameters
+    optimizer: int  # AdamW's two moments of the trainable parameters, and their gradients
     activations: int
     logits: int
     teacher: int = 0  # a frozen teacher's weights
@@ -44,11 +49,15 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.optimizer + self.activations + self.logits + self.teacher + RUNTIME_BYTES
 
-    def describe(self) -> str:
+    def parts(self) -> dict[str, int]:
+        """Bytes by part, named as `describe` names them."""
         parts = {"weights": self.weights, "gradients and optimizer": self.optimizer}
         parts |= {"activations": self.activations, "logits": self.logits}
-        parts |= ({"teacher": self.teacher} if self.teacher else {}) | {"runtime": RUNTIME_BYTES}
-        return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items()) + ")"
+        return parts | ({"teacher": self.teacher} if self.teacher else {}) | {"runtime": RUNTIME_BYTES}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {size / GiB:.1f}" for name, size in self.parts().items())
+        return f"{self.total / GiB:.1f} GiB ({parts})"
 
 
 def training_memory(
@@ -63,23 +72,39 @@ def training_memory(
     teacher_parameters: int = 0,
     teacher_bytes_per_value: int = 4,
     checkpointing: bool = False,
+    autocast_bytes: int = 4,
+    teacher_logits: bool = True,
+    accumulates: bool = True,
 ) -> MemoryEstimate:
     """The peak of one training step of `shape` on a micro-batch of `sequences` x `seq_len`
     tokens, with `parameters` weights of which `trainable` learn (AdamW), through `adapters` or not,
-    beside a frozen teacher of `teacher_parameters` weights of `teacher_bytes_per_value` bytes each
-    (its logits take the place of the largest Shape's no-grad ones, already counted), with layer
-    `checkpointing` or not."""
+    beside a frozen teacher of `teacher_parameters` weights of `teacher_bytes_per_value` bytes each,
+    with layer `checkpointing` or not. `autocast_bytes`: 2 under bfloat16 autocast, else 4;
+    `teacher_logits`: whether the step holds a teacher's logits (distillation); `accumulates`:
+    whether one backward pass's gradients are held through another's (several Shapes or
+    micro-batches a step; a lone backward frees activations as its gradients fill in)."""
     d, groups, queries = config.head_dim, shape.num_key_value_heads, shape.num_attention_heads
-    per_layer = 4 * shape.hidden_size + 5 * queries * d + 3 * groups * d + 4 * shape.intermediate_size
-    per_layer += queries * seq_len
+    residual = 2 * shape.hidden_size  # the norms' inputs: the residual stream, float32 under autocast
+    products = 2 * shape.hidden_size + 5 * queries * d + 3 * groups * d + 4 * shape.intermediate_size
+    if config.sliding_window is not None and seq_len > config.sliding_window:
+        products += queries * seq_len  # a masked attention keeps its probabilities
     if adapters:
-        per_layer += 5 * shape.hidden_size + queries * d + shape.intermediate_size
-    tokens = sequences * seq_len
-    kept = shape.hidden_size * len(shape.layers) + per_layer if checkpointing else per_layer * len(shape.layers)
-    activations = tokens * kept * bytes_per_value
-    logits = 4 * tokens * config.vocab_size * 4  # float32: logits, log-softmax, its gradient, the teacher's
+        products += 5 * shape.hidden_size + queries * d + shape.intermediate_size
+    per_layer = residual * bytes_per_value + products * autocast_bytes  # bytes per token
+    tokens, layers = sequences * seq_len, len(shape.layers)
+    if checkpointing:
+        activations = tokens * (shape.hidden_size * layers * bytes_per_value + per_layer)
+    else:
+        activations = tokens * per_layer * layers
+    vocab = config.vocab_size
+    logits = 3 * min(tokens, chunk_rows(vocab)) * vocab * 4  # a chunk of the loss: logits, softmax, gradient
+    logits += tokens * vocab * autocast_bytes if teacher_logits else 0
+    logits += tokens * shape.hidden_size * 4  # the loss's gradient for the final hidden states
+    if trainable and not adapters:
+        logits += vocab * shape.hidden_size * 4  # and for the head's weight
+    optimizer = (3 if accumulates else 2) * trainable * 4
     teacher = teacher_parameters * teacher_bytes_per_value
-    return MemoryEstimate(parameters * bytes_per_value, 3 * trainable * 4, activations, logits, teacher)
+    return MemoryEstimate(parameters * bytes_per_value, optimizer, activations, logits, teacher)
 
 
 def parse_size(text: str) -> int:

@@ -1,9 +1,11 @@
 """The training memory estimate (anyshape.memory) against the measured peak, SmolLM2-135M.
 
-    .venv/bin/python bench/memory.py            # three micro-batches, full fine-tuning, LoRA, checkpointing
+    .venv/bin/python bench/memory.py   # one Shape and sandwich steps; full fine-tuning, LoRA, checkpointing
 
 Each case trains 2 steps in its own process (float32, on the CPU) and reports its peak resident
-memory (ru_maxrss) beside the estimate that `anyshape train` checks before its first batch.
+memory (ru_maxrss) beside the estimate that `anyshape train` checks before its first batch. The
+sandwich steps distil (cosine) from the largest Shape's logits; the one-Shape steps (sampling
+largest) learn the next token.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import subprocess
 import sys
 import tempfile
 
-CASES = ((2, 128, "full"), (4, 256, "full"), (8, 256, "full"), (4, 256, "lora"), (8, 256, "full+checkpointing"))
+CASES = (
+    (2, 128, "full", "largest"), (4, 256, "full", "largest"), (4, 256, "full", "sandwich"),
+    (8, 256, "full", "sandwich"), (4, 256, "lora", "sandwich"), (8, 256, "full+checkpointing", "sandwich"),
+)  # fmt: skip
 
 
-def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
+def measure(batch: int, seq_len: int, adapter: str, sampling: str) -> tuple[float, float]:
     """(estimated, measured) peak GiB of a 2-step run; adapter "full+checkpointing" is full
     fine-tuning with --activation-checkpointing."""
     import anyshape.memory
@@ -35,7 +40,7 @@ def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
     settings = TrainSettings(
         model="smollm2-135m", out=tempfile.mkdtemp() + "/run", steps=2, seq_len=seq_len, batch_size=batch,
         adapter=adapter.removesuffix("+checkpointing"), activation_checkpointing=adapter.endswith("+checkpointing"),
-        save_every=100, eval_every=100, precision="fp32",
+        sampling=sampling, save_every=100, eval_every=100, precision="fp32",
     )  # fmt: skip
     train(settings, overwrite=True)
     return estimates[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -43,18 +48,20 @@ def measure(batch: int, seq_len: int, adapter: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", help="batch,seq_len,adapter: measure one case in this process")
+    parser.add_argument("--case", help="batch,seq_len,adapter,sampling: measure one case in this process")
     args = parser.parse_args(argv)
     if args.case:
-        batch, seq_len, adapter = args.case.split(",")
-        print(*measure(int(batch), int(seq_len), adapter))
+        batch, seq_len, adapter, sampling = args.case.split(",")
+        print(*measure(int(batch), int(seq_len), adapter, sampling))
         return 0
-    print("| micro-batch | adapter | estimate GiB | measured GiB | estimate / measured |\n|---|---|---:|---:|---:|")
-    for batch, seq_len, adapter in CASES:
-        case = f"{batch},{seq_len},{adapter}"
+    print("| micro-batch | adapter | Shapes | estimate GiB | measured GiB | estimate / measured |")
+    print("|---|---|---|---:|---:|---:|")
+    for batch, seq_len, adapter, sampling in CASES:
+        case = f"{batch},{seq_len},{adapter},{sampling}"
         result = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True)
         estimate, measured = map(float, result.stdout.split()[-2:])
-        print(f"| {batch} x {seq_len} | {adapter} | {estimate:.2f} | {measured:.2f} | {estimate / measured:.2f} |")
+        ratio = estimate / measured
+        print(f"| {batch} x {seq_len} | {adapter} | {sampling} | {estimate:.2f} | {measured:.2f} | {ratio:.2f} |")
     return 0
 
 

@@ -12,6 +12,7 @@ import typer
 
 from anyshape.cli.app import app, emit
 from anyshape.cli.options import JsonOpt, given_settings, overwrite_option, settings_command
+from anyshape.memory import GiB
 from anyshape.train.controller import ControllerFactory
 from anyshape.train.settings import TrainSettings, read_config, read_settings
 
@@ -29,6 +30,13 @@ ContinueOpt = Annotated[
     ),
 ]
 
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Load the model, print the memory plan of one step (GiB by part, and what is allowed), and stop.",
+    ),
+]
 OverwriteRunOpt = overwrite_option("Start over in an --out that holds another run.")
 
 
@@ -40,6 +48,7 @@ def train_command(
     resume: ResumeOpt = None,
     *,
     continue_training: ContinueOpt = False,
+    dry_run: DryRunOpt = False,
     overwrite: OverwriteRunOpt = False,
     as_json: JsonOpt = False,
     **settings: Any,
@@ -68,6 +77,7 @@ def train_command(
           --reference-losses ref.json --out run/
       anyshape train smollm2-135m --data train.txt --adapter smol --lora-rank 16 --experts 4 --out run/
       anyshape train --config recipes/smollm2-135m/elastic.yaml --resume run/
+      anyshape train smollm2-135m --batch-size 16 --seq-len 1024 --out run/ --dry-run   # the memory plan
       torchrun --nproc_per_node 2 -m anyshape train --config recipes/smollm2-135m/elastic.yaml
     """
     from anyshape.train.loop import train
@@ -79,9 +89,12 @@ def train_command(
     settings = TrainSettings.from_dict(base | given | pinned, "the options").with_absolute_paths()
     result = train(
         settings, resume=resume is not None, overwrite=overwrite, progress=True,
-        log=lambda message: print(message, file=sys.stderr), controller=_controller(settings),
+        log=lambda message: print(message, file=sys.stderr), controller=_controller(settings), dry_run=dry_run,
     )  # fmt: skip
-    if os.environ.get("RANK", "0") == "0":  # one report per torchrun launch
+    if dry_run:
+        emit({"memory_gib": {part: round(size / GiB, 2) for part, size in result["memory"].items()},
+              "allowed_gib": round(result["allowed"] / GiB, 2)}, as_json)  # fmt: skip
+    elif os.environ.get("RANK", "0") == "0":  # one report per torchrun launch
         emit({key: result.get(key) for key in ("step", "loss", "val_ppl")} | {"out": settings.out}, as_json)
 
 

@@ -25,6 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from anyshape.errors import AnyshapeError
 from anyshape.model.config import LlamaFamilyConfig
+from anyshape.model.head import HiddenLoss
 from anyshape.model.masks import LayerGates, MaskedShape
 from anyshape.model.slicing import slice_parameter
 from anyshape.shape import Shape
@@ -258,14 +259,25 @@ class ElasticLlama(nn.Module):
     def full_shape(self) -> Shape:
         return Shape.full(self.config)
 
-    def forward(self, input_ids: Tensor, shape: Shape | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        shape: Shape | None = None,
+        cache: KVCache | None = None,
+        loss: HiddenLoss | None = None,
+    ) -> Tensor:
         """input_ids: (B, T) token ids -> logits (B, T, V) of the sub-network `shape`
         (None: the full model). The Shape must be valid for this model (`Shape.validate`).
 
         With a `cache`, input_ids are the tokens that follow the `cache.length` tokens it holds;
-        they attend to those too, and are added to it."""
+        they attend to those too, and are added to it. With a `loss` (of the final hidden states
+        and the LM head's weight, such as `anyshape.model.nll.next_token_loss`), the forward
+        returns that scalar instead of the logits."""
         shape = shape or self.full_shape
-        return self.lm_head_logits(self.hidden_states(input_ids, shape, cache), shape)
+        hidden = self.hidden_states(input_ids, shape, cache)
+        if loss is not None:
+            return loss(hidden, slice_parameter("lm_head.weight", self.lm_head.weight, self.config, shape))
+        return self.lm_head_logits(hidden, shape)
 
     def hidden_states(
         self, input_ids: Tensor, shape: Shape, cache: KVCache | Sequence[KVCache] | None = None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anyshape.errors import AnyshapeError
+from anyshape.model.head import HiddenLoss, chunk_rows, head_loss
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "js", "cosine", "l2")
 
@@ -29,6 +30,7 @@ KD_LOSSES = ("forward-kl", "reverse-kl", "js", "cosine", "l2")
 def distillation_loss(kind: str, student: Tensor, teacher: Tensor) -> Tensor:
     """Mean over the B x T tokens of the `kind` divergence of student logits from teacher logits,
     each (B, T, V); computed in float32 at least. Zero when the two are equal."""
+    check_kind(kind)
     dtype = torch.promote_types(student.dtype, torch.float32)
     s, t = student.to(dtype).flatten(0, -2), teacher.detach().to(dtype).flatten(0, -2)  # (B T, V)
     if kind == "forward-kl":
@@ -41,9 +43,28 @@ def distillation_loss(kind: str, student: Tensor, teacher: Tensor) -> Tensor:
         return (_kl(log_p, log_m) + _kl(log_q, log_m)) / 2
     if kind == "cosine":
         return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
-    if kind == "l2":
-        return (s - t).pow(2).mean()
-    raise AnyshapeError(f"unknown distillation loss {kind!r}; choose one of {', '.join(KD_LOSSES)}, or none")
+    return (s - t).pow(2).mean()  # l2
+
+
+def distillation_head_loss(kind: str, teacher: Tensor) -> HiddenLoss:
+    """The loss `model(ids, shape, loss=...)` returns: distillation_loss of its logits from the
+    `teacher`'s (B, T, V), computed a chunk of rows at a time (`anyshape.model.head`)."""
+    check_kind(kind)
+    teacher_rows = teacher.detach().flatten(0, 1)
+
+    def rows_loss(logits: Tensor, rows: slice) -> Tensor:
+        return distillation_loss(kind, logits, teacher_rows[rows]) * (rows.stop - rows.start)
+
+    def loss(hidden: Tensor, weight: Tensor) -> Tensor:
+        return head_loss(hidden.flatten(0, 1), weight, rows_loss, chunk_rows(len(weight))) / len(teacher_rows)
+
+    return loss
+
+
+def check_kind(kind: str) -> None:
+    """Raises AnyshapeError unless `kind` is one of KD_LOSSES."""
+    if kind not in KD_LOSSES:
+        raise AnyshapeError(f"unknown distillation loss {kind!r}; choose one of {', '.join(KD_LOSSES)}, or none")
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -32,16 +32,24 @@ from anyshape.checkpoints import load, load_config, resolve
 from anyshape.errors import AnyshapeError
 from anyshape.files import clear_leftovers
 from anyshape.importance.scores import scores_beside
-from anyshape.memory import RUNTIME_BYTES, available_memory, check_memory, parse_size, training_memory
+from anyshape.memory import (
+    RUNTIME_BYTES,
+    GiB,
+    MemoryEstimate,
+    available_memory,
+    check_memory,
+    parse_size,
+    training_memory,
+)
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
-from anyshape.model.nll import mean_nll, next_token_nll
+from anyshape.model.nll import mean_nll, next_token_loss, next_token_nll
 from anyshape.search.space import SearchSpace
 from anyshape.shape import Shape
 from anyshape.train.checkpoint import CHECKPOINT, STATE, add_trainable_modules, load_checkpoint, save_checkpoint
 from anyshape.train.controller import Controller, ControllerFactory, Student
 from anyshape.train.data import Batches, shard
-from anyshape.train.distill import LossBalancer, distillation_loss
+from anyshape.train.distill import LossBalancer, distillation_head_loss
 from anyshape.train.distributed import (
     Distributed,
     average_over_processes,
@@ -93,9 +101,12 @@ def train(
     progress: bool = False,
     on_step: Callable[[int], None] | None = None,
     controller: ControllerFactory | None = None,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Runs (or, with `resume`, continues) the training that `settings` describe in
-    `settings.out`; returns the last logged metrics. `on_step(step)` runs after each finished
+    `settings.out`; returns the last logged metrics. With `dry_run`, loads the model, logs the
+    memory plan of a step and returns it ({"memory": bytes per part, "allowed": bytes}) without
+    training or writing anything. `on_step(step)` runs after each finished
     optimizer step (steps count from 1). `controller` makes the learned students of settings
     that have them (`anyshape.router.control.RouterControl` for `router`,
     `anyshape.prune.control.PruningControl` for `prune_target`); without one the sampler
@@ -109,7 +120,7 @@ def train(
     world = Distributed.from_environment()
     device = device_for(world)
     with process_group(world, device):
-        return _train(settings, run, world, device, resume, overwrite, log, progress, on_step, controller)
+        return _train(settings, run, world, device, resume, overwrite, log, progress, on_step, controller, dry_run)
 
 
 def _train(
@@ -123,8 +134,10 @@ def _train(
     progress: bool,
     on_step: Callable[[int], None] | None,
     controller: ControllerFactory | None,
+    dry_run: bool,
 ) -> dict[str, Any]:
-    check_destination(run, settings, resume, overwrite)
+    if not dry_run:
+        check_destination(run, settings, resume, overwrite)
     torch.manual_seed(settings.seed)  # the adapters' initialisation
 
     micro_batch = settings.batch_size // settings.grad_accum
@@ -152,7 +165,21 @@ def _train(
     add_trainable_modules(model, settings)
     control = controller(settings, space, device) if controller is not None else None
     bf16 = _bf16(settings.precision, device)
-    _check_memory(model, settings, micro_batch // world.world_size, device, teacher_config, bf16)
+    sequences = micro_batch // world.world_size
+    estimate = _memory_estimate(model, settings, sequences, device, teacher_config, bf16)
+    if settings.max_memory is not None:
+        limit = parse_size(settings.max_memory)
+    else:  # what the loaded model holds, and what is still free
+        limit = available_memory(device) + estimate.weights + RUNTIME_BYTES
+    what = f"a training step of {sequences} x {settings.seq_len} tokens on {device.type}"
+    if dry_run:
+        log(f"{what} needs about {estimate.describe()}; {limit / GiB:.1f} GiB allowed")
+        return {"memory": estimate.parts() | {"total": estimate.total}, "allowed": limit}
+    fix = (
+        "lower --batch-size or raise --grad-accum (fewer sequences per pass), shorten --seq-len, or train an "
+        "adapter (--adapter lora); pass a larger --max-memory if the estimate is too cautious"
+    )
+    check_memory(estimate, limit, what, fix)
     teacher = load_teacher(settings, torch.bfloat16 if bf16 else torch.float32, device)  # None: the largest teaches
     companions = control.companions if control is not None else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -355,11 +382,10 @@ def _step(
             started = time.perf_counter()
             synchronise = last and not largest_learns and index == len(micro_students) - 1
             with contextlib.nullcontext() if synchronise else no_sync(model), autocast():
-                logits = model(ids, shape=student.shape)
-                if settings.kd == "none":
-                    loss = next_token_nll(logits, ids)
-                else:
-                    loss = distillation_loss(settings.kd, logits, teacher)
+                objective = (
+                    next_token_loss(ids) if settings.kd == "none" else distillation_head_loss(settings.kd, teacher)
+                )
+                loss = model(ids, shape=student.shape, loss=objective)
                 value = mean_over_processes(loss.detach(), world)
                 if settings.balance_losses:
                     balancer.update(student.slot, value)
@@ -371,11 +397,11 @@ def _step(
             continue
         started = time.perf_counter()
         with contextlib.nullcontext() if last else no_sync(model), autocast():
-            logits = model(ids, shape=largest)
             if frozen is None or settings.kd == "none":
-                loss = next_token_nll(logits, ids)
+                objective = next_token_loss(ids)
             else:
-                loss = distillation_loss(settings.kd, logits, teacher)
+                objective = distillation_head_loss(settings.kd, teacher)
+            loss = model(ids, shape=largest, loss=objective)
             value = mean_over_processes(loss.detach(), world)
             if frozen is not None and settings.balance_losses:  # in place, the largest is the reference itself
                 balancer.update(largest_slot, value)
@@ -429,33 +455,28 @@ def _perplexity(model: nn.Module, val: Tensor, settings: TrainSettings, autocast
         return math.exp(mean_nll(model, rows, None, settings.batch_size))
 
 
-def _check_memory(
+def _memory_estimate(
     model: ElasticLlama,
     settings: TrainSettings,
     sequences: int,
     device: torch.device,
     teacher: LlamaFamilyConfig | None = None,
     bf16: bool = False,
-) -> None:
-    """Refuses, before the first batch, a run whose estimated peak (anyshape.memory) exceeds
-    --max-memory or, without it, what the loaded model holds plus what is still free. A frozen
-    `teacher` (its config: it loads after this check) counts in bfloat16 when `bf16`, else float32."""
-    estimate = training_memory(
+) -> MemoryEstimate:
+    """The estimated peak (anyshape.memory) of a step of `sequences` per process, before the
+    first batch. A frozen `teacher` (its config: it loads after this) counts in bfloat16 when
+    `bf16`, else float32."""
+    several = settings.sampling != "largest" or settings.router or settings.prune_target is not None  # Shapes a step
+    reads = settings.kd != "none" or settings.balance_losses  # whether the smaller Shapes read a teacher's logits
+    return training_memory(
         model.config, model.full_shape, sequences, settings.seq_len,
         sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
         adapters=settings.adapter != "full",
         teacher_parameters=Shape.full(teacher).num_parameters(teacher) if teacher is not None else 0,
         teacher_bytes_per_value=2 if bf16 else 4, checkpointing=settings.activation_checkpointing,
+        autocast_bytes=2 if bf16 else 4, teacher_logits=reads and (several or teacher is not None),
+        accumulates=several or settings.grad_accum > 1,
     )  # fmt: skip
-    if settings.max_memory is not None:
-        limit = parse_size(settings.max_memory)
-    else:
-        limit = available_memory(device) + estimate.weights + RUNTIME_BYTES
-    fix = (
-        "lower --batch-size or raise --grad-accum (fewer sequences per pass), shorten --seq-len, or train an "
-        "adapter (--adapter lora); pass a larger --max-memory if the estimate is too cautious"
-    )
-    check_memory(estimate, limit, f"a training step of {sequences} x {settings.seq_len} tokens", fix)
 
 
 def _clip(parameters: list[Tensor], max_norm: float) -> Tensor:

@@ -108,3 +108,17 @@ def test_train_help_teaches(capsys, monkeypatch):
         assert f"\n    {line}\n" in out  # whole, on one line, whatever the terminal width
     for option in ("--sampling", "--kd", "--adapter", "--balance-losses", "--distributed", "--resume"):
         assert option in out
+
+
+def test_a_dry_run_prints_the_memory_plan_and_trains_nothing(capsys, tiny_dir, text, tmp_path):
+    run_dir = tmp_path / "run"
+    status, stdout, err = run(capsys, *quick(tiny_dir, text, run_dir, "--dry-run", "--json"))
+    assert status == 0, err
+    plan = json.loads(stdout)
+    parts = plan["memory_gib"]
+    assert set(parts) == {"weights", "gradients and optimizer", "activations", "logits", "runtime", "total"}
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"), abs=0.03)
+    assert plan["allowed_gib"] > 0 and "needs about" in err
+    assert not run_dir.exists()
+    status, stdout, _ = run(capsys, *quick(tiny_dir, text, run_dir, "--dry-run", "--batch-size", "64", "--json"))
+    assert json.loads(stdout)["memory_gib"]["activations"] > parts["activations"]  # more sequences, more saved

@@ -242,15 +242,16 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeyp
     import anyshape.train.loop as loop
 
     poison = {"on": False}
-    next_token_nll = loop.next_token_nll
+    next_token_loss = loop.next_token_loss
 
-    def poisoned(logits, ids):
-        return next_token_nll(logits, ids) * (math.nan if poison["on"] else 1.0)
+    def poisoned(ids):
+        loss = next_token_loss(ids)
+        return lambda hidden, weight: loss(hidden, weight) * (math.nan if poison["on"] else 1.0)
 
     def after(step: int) -> None:
         poison["on"] = step == 1  # step 2's losses are NaN
 
-    monkeypatch.setattr(loop, "next_token_nll", poisoned)
+    monkeypatch.setattr(loop, "next_token_loss", poisoned)
     said = []
     train(replace(settings, steps=3, kd="none"), log=said.append, on_step=after)
     history = [record for record in iterate_metrics(Path(settings.out)) if "loss" in record]

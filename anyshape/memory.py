@@ -75,6 +75,7 @@ def training_memory(
     autocast_bytes: int = 4,
     teacher_logits: bool = True,
     accumulates: bool = True,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """The peak of one training step of `shape` on a micro-batch of `sequences` x `seq_len`
     tokens, with `parameters` weights of which `trainable` learn (AdamW), through `adapters` or not,
@@ -82,7 +83,9 @@ def training_memory(
     with layer `checkpointing` or not. `autocast_bytes`: 2 under bfloat16 autocast, else 4;
     `teacher_logits`: whether the step holds a teacher's logits (distillation); `accumulates`:
     whether one backward pass's gradients are held through another's (several Shapes or
-    micro-batches a step; a lone backward frees activations as its gradients fill in)."""
+    micro-batches a step; a lone backward frees activations as its gradients fill in); `shards`:
+    the processes FSDP splits weights, gradients and moments over (each then holds its share, and
+    one decoder layer's whole weights while it computes)."""
     d, groups, queries = config.head_dim, shape.num_key_value_heads, shape.num_attention_heads
     residual = 2 * shape.hidden_size  # the norms' inputs: the residual stream, float32 under autocast
     products = 2 * shape.hidden_size + 5 * queries * d + 3 * groups * d + 4 * shape.intermediate_size
@@ -102,9 +105,12 @@ def training_memory(
     logits += tokens * shape.hidden_size * 4  # the loss's gradient for the final hidden states
     if trainable and not adapters:
         logits += vocab * shape.hidden_size * 4  # and for the head's weight
-    optimizer = (3 if accumulates else 2) * trainable * 4
+    optimizer = (3 if accumulates else 2) * trainable * 4 // shards
+    weights = parameters * bytes_per_value // shards
+    if shards > 1:  # the layer FSDP has gathered
+        weights += shape.num_parameters(config) // config.num_hidden_layers * bytes_per_value
     teacher = teacher_parameters * teacher_bytes_per_value
-    return MemoryEstimate(parameters * bytes_per_value, optimizer, activations, logits, teacher)
+    return MemoryEstimate(weights, optimizer, activations, logits, teacher)
 
 
 def parse_size(text: str) -> int:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -155,6 +155,38 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+RowReader = Callable[[str, int, int], torch.Tensor]  # (name, first row, end row) -> those rows of a tensor
+
+
+def row_reader(ref: str | Path) -> RowReader | None:
+    """A reader of row ranges of MODEL's tensors, each read alone from its safetensors file (a
+    process of a sharded run reads only its rows); None where MODEL is not a Hugging Face folder
+    of safetensors (a GGUF file, pickle weights). The headers are checked against the config
+    first; the rows read are checked finite."""
+    path = resolve(ref)
+    if not path.is_dir() or not _weights_files(path):
+        return None
+    config = LlamaFamilyConfig.from_hf(load_hf_config(path))
+    with torch.device("meta"):
+        expected = expected_shapes(ElasticLlama(config))
+    file_of = {}
+    for name in _check_safetensors(path, expected):
+        file_of.update(dict.fromkeys(safetensors_header(path / name), path / name))
+
+    def rows(tensor: str, start: int, stop: int) -> torch.Tensor:
+        try:
+            with safe_open(file_of[tensor], framework="pt") as file:
+                values = file.get_slice(tensor)[start:stop]
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"{file_of[tensor]} is corrupt or truncated ({first_line(error)}); re-download or re-export it"
+            ) from None
+        check_finite(file_of[tensor], {tensor: values})
+        return values
+
+    return rows
 
 
 def load_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:

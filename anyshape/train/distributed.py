@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from anyshape.model.llama import ElasticLlama
+from anyshape.model.llama import ElasticLlama, rope_frequencies
+from anyshape.model.load import RowReader
 
 
 @dataclass
@@ -70,6 +71,20 @@ def wrap(model: ElasticLlama, device: torch.device, world: Distributed, strategy
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=adapters)
+
+
+def fill_shards(model: ElasticLlama, rows: RowReader, device: torch.device) -> None:
+    """Materialises on `device` a model built on the meta device and sharded by FSDP, each
+    parameter's local rows read from the checkpoint by `rows`: no process holds the whole
+    model. FSDP splits every parameter by rows as torch.chunk does (ceil(n / world) rows each)."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            local = parameter.to_local()
+            total, parts = parameter.shape[0], parameter.device_mesh.size()
+            start = min(-(-total // parts) * parameter.device_mesh.get_local_rank(), total)
+            local.copy_(rows(name, start, start + local.shape[0]))
+        model.inv_freq.copy_(rope_frequencies(model.config)[0])
 
 
 @contextlib.contextmanager

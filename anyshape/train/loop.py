@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anyshape.checkpoints import load, load_config, resolve
+from anyshape.checkpoints import kind_of, load, load_config, resolve
 from anyshape.errors import AnyshapeError
 from anyshape.files import clear_leftovers
 from anyshape.importance.scores import scores_beside
@@ -43,6 +43,7 @@ from anyshape.memory import (
 )
 from anyshape.model.config import LlamaFamilyConfig
 from anyshape.model.llama import ElasticLlama
+from anyshape.model.load import RowReader, row_reader
 from anyshape.model.nll import mean_nll, next_token_loss, next_token_nll
 from anyshape.search.space import SearchSpace
 from anyshape.shape import Shape
@@ -55,6 +56,7 @@ from anyshape.train.distributed import (
     average_over_processes,
     barrier,
     device_for,
+    fill_shards,
     mean_over_processes,
     no_sync,
     process_group,
@@ -155,7 +157,12 @@ def _train(
     else:
         data = training_data(settings, context)
         mixture, batches, val = None, Batches(data.train, micro_batch, settings.seed), data.val
-    model = load(settings.model).to(device)
+    rows = _sharded_rows(settings, world)
+    if rows is None:
+        model = load(settings.model).to(device)
+    else:  # FSDP: built empty, each process then reads only its shard
+        with torch.device("meta"):
+            model = ElasticLlama(student).eval()
     model.checkpoint_layers = settings.activation_checkpointing
     space = training_space(settings, model.config)
     sampler = ShapeSampler(
@@ -166,11 +173,11 @@ def _train(
     control = controller(settings, space, device) if controller is not None else None
     bf16 = _bf16(settings.precision, device)
     sequences = micro_batch // world.world_size
-    estimate = _memory_estimate(model, settings, sequences, device, teacher_config, bf16)
+    estimate = _memory_estimate(model, settings, sequences, device, teacher_config, bf16, world.world_size)
     if settings.max_memory is not None:
         limit = parse_size(settings.max_memory)
-    else:  # what the loaded model holds, and what is still free
-        limit = available_memory(device) + estimate.weights + RUNTIME_BYTES
+    else:  # what the loaded model holds (nothing yet where each process reads its shard later), and what is free
+        limit = available_memory(device) + (estimate.weights if rows is None else 0) + RUNTIME_BYTES
     what = f"a training step of {sequences} x {settings.seq_len} tokens on {device.type}"
     if dry_run:
         log(f"{what} needs about {estimate.describe()}; {limit / GiB:.1f} GiB allowed")
@@ -184,6 +191,8 @@ def _train(
     companions = control.companions if control is not None else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = wrap(model, device, world, settings.distributed, settings.adapter != "full") if trainable else model
+    if rows is not None:
+        fill_shards(model, rows, device)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     fused = device.type == "cuda" and not (world.enabled and settings.distributed == "fsdp")  # one kernel per step
     optimizer = (
@@ -455,6 +464,17 @@ def _perplexity(model: nn.Module, val: Tensor, settings: TrainSettings, autocast
         return math.exp(mean_nll(model, rows, None, settings.batch_size))
 
 
+def _sharded_rows(settings: TrainSettings, world: Distributed) -> RowReader | None:
+    """What reads each FSDP process's rows of MODEL's weights, where a run can load them so: a
+    Hugging Face folder of safetensors, every parameter trained as it is (no adapters, modulation,
+    router or pruning masks, whose initial values come from the whole model's initialisation)."""
+    plain = settings.adapter == "full" and not (settings.modulation or settings.router or settings.router_only)
+    if not (world.enabled and settings.distributed == "fsdp" and plain and settings.prune_target is None):
+        return None
+    path = resolve(settings.model)
+    return row_reader(path) if kind_of(path) is None else None
+
+
 def _memory_estimate(
     model: ElasticLlama,
     settings: TrainSettings,
@@ -462,10 +482,11 @@ def _memory_estimate(
     device: torch.device,
     teacher: LlamaFamilyConfig | None = None,
     bf16: bool = False,
+    world_size: int = 1,
 ) -> MemoryEstimate:
     """The estimated peak (anyshape.memory) of a step of `sequences` per process, before the
-    first batch. A frozen `teacher` (its config: it loads after this) counts in bfloat16 when
-    `bf16`, else float32."""
+    first batch, in one of `world_size` processes. A frozen `teacher` (its config: it loads
+    after this) counts in bfloat16 when `bf16`, else float32."""
     several = settings.sampling != "largest" or settings.router or settings.prune_target is not None  # Shapes a step
     reads = settings.kd != "none" or settings.balance_losses  # whether the smaller Shapes read a teacher's logits
     return training_memory(
@@ -476,6 +497,7 @@ def _memory_estimate(
         teacher_bytes_per_value=2 if bf16 else 4, checkpointing=settings.activation_checkpointing,
         autocast_bytes=2 if bf16 else 4, teacher_logits=reads and (several or teacher is not None),
         accumulates=several or settings.grad_accum > 1,
+        shards=world_size if settings.distributed == "fsdp" else 1,
     )  # fmt: skip
 
 

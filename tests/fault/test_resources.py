@@ -99,3 +99,12 @@ def test_calibration_windows_too_large_for_memory_are_refused_before_allocating(
 class _Memory:
     def __init__(self, available: int):
         self.available = available
+
+
+def test_fsdp_shards_divide_the_weights_and_optimizer_and_add_one_gathered_layer(tiny_dir):
+    config = load_config(tiny_dir("llama3-gqa"))
+    full, parameters = Shape.full(config), Shape.full(config).num_parameters(config)
+    one = training_memory(config, full, 1, 64, parameters, parameters)
+    two = training_memory(config, full, 1, 64, parameters, parameters, shards=2)
+    assert two.optimizer == one.optimizer // 2 and two.activations == one.activations
+    assert two.weights == one.weights // 2 + parameters // config.num_hidden_layers * 4

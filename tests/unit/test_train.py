@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import anyshape
 from anyshape import AnyshapeError, Shape
@@ -236,6 +236,60 @@ def test_two_processes_train_the_same_weights_as_one(settings, distributed, adap
     assert_same_state(anyshape.load(settings.out), anyshape.load(single.out), atol=1e-5, rtol=1e-4)
     parent = anyshape.load(settings.model)
     assert not torch.equal(anyshape.load(single.out)(INPUT_IDS), parent(INPUT_IDS)), "training changed nothing"
+
+
+def _load_shard_as_rank(rank: int, world_size: int, port: int, folder: Path, out: Path) -> None:
+    """Loads `folder` as an FSDP run does, sharded over 2 gloo processes; writes to `out` the
+    growth of this process's peak resident memory while loading, and whether its shard equals
+    the rows of the whole model."""
+    import torch.distributed.fsdp  # noqa: F401  (imported before the measurement: its code is not the model)
+
+    from anyshape.model.llama import ElasticLlama
+    from anyshape.model.load import row_reader
+    from anyshape.train.distributed import Distributed, fill_shards, process_group, wrap
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )  # fmt: skip
+    world, device = Distributed.from_environment(), torch.device("cpu")
+    with process_group(world, device):
+        rows = row_reader(folder)
+        before = _resident_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+        with torch.device("meta"):
+            model = ElasticLlama(anyshape.load_config(folder))
+        fill_shards(wrap(model, device, world, "fsdp", adapters=False), rows, device)
+        grown = (_resident_kib("VmHWM") - before) * 1024
+        whole = dict(anyshape.load(folder).named_parameters())
+        same = all(
+            torch.equal(p.to_local(), whole[name][rank * -(-p.shape[0] // 2) :][: p.to_local().shape[0]])
+            for name, p in model.named_parameters()
+        )
+        out.with_suffix(f".{rank}").write_text(json.dumps({"grown": grown, "same": same}))
+
+
+def _resident_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, KiB (Linux)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak resident memory (Linux)")
+def test_fsdp_processes_read_only_their_shard_of_the_weights(tmp_path):
+    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "model")
+    full = sum(p.numel() for p in model.parameters()) * 4  # 541 MB in float32: a process's overhead is small beside it
+    del model
+    out = tmp_path / "result"
+    torch.multiprocessing.spawn(_load_shard_as_rank, args=(2, free_port(), tmp_path / "model", out), nprocs=2)
+    for rank in range(2):
+        result = json.loads(out.with_suffix(f".{rank}").read_text())
+        assert result["same"], f"process {rank}'s shard differs from the whole model's rows"
+        assert result["grown"] < 0.6 * full, f"process {rank} grew by {result['grown'] / full:.2f} of a full copy"
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeypatch):

@@ -34,7 +34,7 @@ DryRunOpt = Annotated[
     bool,
     typer.Option(
         "--dry-run",
-        help="Load the model, print the memory plan of one step (GiB by part, and what is allowed), and stop.",
+        help="Print the memory plan of one step (GiB by part, and what is allowed) and stop: nothing is trained.",
     ),
 ]
 OverwriteRunOpt = overwrite_option("Start over in an --out that holds another run.")

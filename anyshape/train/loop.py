@@ -106,9 +106,9 @@ def train(
     dry_run: bool = False,
 ) -> dict[str, Any]:
     """Runs (or, with `resume`, continues) the training that `settings` describe in
-    `settings.out`; returns the last logged metrics. With `dry_run`, loads the model, logs the
-    memory plan of a step and returns it ({"memory": bytes per part, "allowed": bytes}) without
-    training or writing anything. `on_step(step)` runs after each finished
+    `settings.out`; returns the last logged metrics. With `dry_run`, logs the memory plan of a
+    step and returns it ({"memory": bytes per part, "allowed": bytes}) without training or
+    writing anything (nor reading a Hugging Face or GGUF model's weights). `on_step(step)` runs after each finished
     optimizer step (steps count from 1). `controller` makes the learned students of settings
     that have them (`anyshape.router.control.RouterControl` for `router`,
     `anyshape.prune.control.PruningControl` for `prune_target`); without one the sampler
@@ -158,9 +158,10 @@ def _train(
         data = training_data(settings, context)
         mixture, batches, val = None, Batches(data.train, micro_batch, settings.seed), data.val
     rows = _sharded_rows(settings, world)
-    if rows is None:
+    loaded = rows is None and not (dry_run and kind_of(resolve(settings.model)) is None)
+    if loaded:
         model = load(settings.model).to(device)
-    else:  # FSDP: built empty, each process then reads only its shard
+    else:  # built empty: a dry run counts its parameters; under FSDP each process then reads only its shard
         with torch.device("meta"):
             model = ElasticLlama(student).eval()
     model.checkpoint_layers = settings.activation_checkpointing
@@ -176,8 +177,8 @@ def _train(
     estimate = _memory_estimate(model, settings, sequences, device, teacher_config, bf16, world.world_size)
     if settings.max_memory is not None:
         limit = parse_size(settings.max_memory)
-    else:  # what the loaded model holds (nothing yet where each process reads its shard later), and what is free
-        limit = available_memory(device) + (estimate.weights if rows is None else 0) + RUNTIME_BYTES
+    else:  # what the loaded model holds (nothing if it is not loaded yet), and what is free
+        limit = available_memory(device) + (estimate.weights if loaded else 0) + RUNTIME_BYTES
     what = f"a training step of {sequences} x {settings.seq_len} tokens on {device.type}"
     if dry_run:
         log(f"{what} needs about {estimate.describe()}; {limit / GiB:.1f} GiB allowed")

@@ -122,3 +122,19 @@ def test_a_dry_run_prints_the_memory_plan_and_trains_nothing(capsys, tiny_dir, t
     assert not run_dir.exists()
     status, stdout, _ = run(capsys, *quick(tiny_dir, text, run_dir, "--dry-run", "--batch-size", "64", "--json"))
     assert json.loads(stdout)["memory_gib"]["activations"] > parts["activations"]  # more sequences, more saved
+
+
+def test_a_dry_run_reads_no_weights_and_plans_as_the_run_does(capsys, tiny_dir, text, tmp_path, monkeypatch):
+    import anyshape.train.loop as loop
+
+    plans = []
+    estimate = loop.training_memory
+    monkeypatch.setattr(
+        loop, "training_memory", lambda *args, **kwargs: plans.append(estimate(*args, **kwargs)) or plans[-1]
+    )
+    status, _, err = run(capsys, *quick(tiny_dir, text, tmp_path / "run", "--steps", "1"))
+    assert status == 0, err
+    monkeypatch.setattr(loop, "load", lambda *args: pytest.fail("a dry run read the weights"))
+    status, _, err = run(capsys, *quick(tiny_dir, text, tmp_path / "dry", "--steps", "1", "--dry-run"))
+    assert status == 0, err
+    assert plans[1] == plans[0]  # the same plan from the config alone

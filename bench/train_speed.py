@@ -14,6 +14,7 @@ autocast (--precision bf16, the default on CUDA) or without (fp32, the default o
             (lr 1e-4, fused on CUDA), gradient clipping at 1.0;
   anyshape  `anyshape.train.loop.train` with sampling largest, kd none, one micro-batch; its
             seconds per step are RUN/metrics.jsonl's (the whole optimizer step);
+  anyshape --compile  (--compile) the same with its decoder layers compiled (torch.compile);
   sandwich  (--sandwich N) the same with sampling sandwich: the largest, the smallest and N - 2
             random Shapes per step.
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (CUDA default) or fp32 (CPU)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H100/H200)")
     parser.add_argument("--sandwich", type=int, default=0, help="also anyshape's sandwich of N Shapes per step (N>=2)")
+    parser.add_argument("--compile", action="store_true", help="also anyshape with --compile (its layers compiled)")
     parser.add_argument("--kd", default="none", help="anyshape's loss for the smaller Shapes (sandwich)")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: its own choice)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/train_speed.json"), help="the JSON results")
@@ -149,6 +151,9 @@ def bench_config(name: str, work: Path, device: torch.device, args: argparse.Nam
     )  # fmt: skip
     rows = [run_plain(name, settings, device, args)]
     rows.append(run_anyshape(name, "anyshape", settings, device, args))
+    if args.compile:
+        compiled = replace(settings, compile=True, out=str(work / "compiled"))
+        rows.append(run_anyshape(name, "anyshape --compile", compiled, device, args))
     if args.sandwich:
         sandwich = replace(settings, sampling="sandwich", random_shapes=args.sandwich - 2, kd=args.kd,
                            out=str(work / "sandwich"))  # fmt: skip

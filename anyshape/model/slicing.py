@@ -16,6 +16,7 @@ Axis kinds:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from anyshape.model.config import LlamaFamilyConfig
@@ -54,8 +55,10 @@ def axes_of(name: str) -> tuple[str | None, ...]:
 
 def slice_parameter(name: str, tensor: Tensor, config: LlamaFamilyConfig, shape: Shape) -> Tensor:
     """The Shape's part of one parameter: a view, or a copy only when query heads are dropped
-    inside a group (a (G, q, d) prefix that is not one strided block)."""
-    return slice_along(tensor, axes_of(name), config, shape)
+    inside a group (a (G, q, d) prefix that is not one strided block). Under torch.compile always
+    a contiguous copy: graphs compiled for any width (dynamic sizes) may not assume a view's strides."""
+    sliced = slice_along(tensor, axes_of(name), config, shape)
+    return sliced.contiguous() if torch.compiler.is_compiling() else sliced
 
 
 def slice_along(tensor: Tensor, axes: tuple[str | None, ...], config: LlamaFamilyConfig, shape: Shape) -> Tensor:

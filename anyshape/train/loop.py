@@ -165,6 +165,9 @@ def _train(
         with torch.device("meta"):
             model = ElasticLlama(student).eval()
     model.checkpoint_layers = settings.activation_checkpointing
+    if settings.compile:
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
     space = training_space(settings, model.config)
     sampler = ShapeSampler(
         space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],

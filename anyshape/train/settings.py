@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NONFINITE = ("skip", "stop")  # what a step whose loss or gradient is NaN or inf does
 SEEDS = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
 # may change when a run resumes (or moves)
-RESUMABLE = ("out", "save_every", "eval_every", "log_every", "on_nonfinite", "max_memory")
+RESUMABLE = ("out", "save_every", "eval_every", "log_every", "on_nonfinite", "max_memory", "compile")
 
 
 ROUTER_PANEL = "Budget router (LLaMaFlex)"
@@ -153,6 +153,11 @@ class TrainSettings:
         False,
         "Keep only each decoder layer's input and recompute the layer in the backward pass: a fraction of the "
         "activation memory, for about a third more compute.",
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile each decoder layer, its sizes dynamic: one graph serves every width, so changing Shapes do "
+        "not recompile each step. The first steps are slower while it compiles.",
     )
     distributed: str = setting("ddp", "Under torchrun: ddp, or fsdp (sharded per decoder layer).")
     val_fraction: float = setting(0.05, "Held-out share of --data without --val-data.")

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import anyshape
 from anyshape import AnyshapeError, Shape
 from anyshape.model.adapters import add_adapters, merged
+from anyshape.model.nll import next_token_loss
 from anyshape.search.space import SearchSpace
 from anyshape.train.controller import ControllerFactory
 from anyshape.train.distill import KD_LOSSES, LossBalancer, distillation_loss
@@ -290,6 +291,36 @@ def test_fsdp_processes_read_only_their_shard_of_the_weights(tmp_path):
         result = json.loads(out.with_suffix(f".{rank}").read_text())
         assert result["same"], f"process {rank}'s shard differs from the whole model's rows"
         assert result["grown"] < 0.6 * full, f"process {rank} grew by {result['grown'] / full:.2f} of a full copy"
+
+
+@pytest.mark.integration
+def test_compiled_layers_train_the_same_losses_and_other_widths_do_not_recompile(settings):
+    from torch._dynamo.utils import counters
+
+    train(replace(settings, steps=3))
+    train(replace(settings, steps=3, compile=True, out=settings.out + "-compiled"))
+    eager, compiled = (
+        [record["loss"] for record in iterate_metrics(Path(out)) if "loss" in record]
+        for out in (settings.out, settings.out + "-compiled")
+    )
+    assert len(eager) == len(compiled) == 3
+    for plain, fast in zip(eager, compiled, strict=True):
+        assert plain.keys() == fast.keys()
+        assert all(fast[slot] == pytest.approx(plain[slot], rel=1e-4) for slot in plain)
+
+    model = anyshape.load(settings.model).train()
+    for layer in model.model.layers:
+        layer.compile(dynamic=True)
+
+    def step(hidden: int, ffn: int) -> None:
+        shape = Shape.from_dict({"hidden_size": hidden, "intermediate_size": ffn}, model.config)
+        model(INPUT_IDS, shape, loss=next_token_loss(INPUT_IDS)).backward()
+
+    step(64, 96), step(48, 80)  # the first width compiles, the second recompiles with sizes dynamic
+    graphs = counters["stats"]["unique_graphs"]
+    for hidden, ffn in [(32, 48), (16, 64), (56, 32), (40, 96)]:
+        step(hidden, ffn)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new width compiled again"
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeypatch):

@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory.py   # one Shape and sandwich steps; full fine-tuning, LoRA, checkpointing
 
 Each case trains 2 steps in its own process (float32, on the CPU) and reports its peak resident
-memory (ru_maxrss) beside the estimate that `anyshape train` checks before its first batch. The
+memory (VmHWM, Linux) beside the estimate that `anyshape train` checks before its first batch. The
 sandwich steps distil (cosine) from the largest Shape's logits; the one-Shape steps (sampling
 largest) learn the next token.
 """
@@ -11,10 +11,10 @@ largest) learn the next token.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 CASES = (
     (2, 128, "full", "largest"), (4, 256, "full", "largest"), (4, 256, "full", "sandwich"),
@@ -43,7 +43,16 @@ def measure(batch: int, seq_len: int, adapter: str, sampling: str) -> tuple[floa
         sampling=sampling, save_every=100, eval_every=100, precision="fp32",
     )  # fmt: skip
     train(settings, overwrite=True)
-    return estimates[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return estimates[0], peak_resident_kib() / 2**20
+
+
+def peak_resident_kib() -> int:
+    """This process image's peak resident memory, KiB: VmHWM, which starts afresh at exec
+    (ru_maxrss does not: it keeps the peak of the process that forked it, e.g. a large pytest run)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise ValueError("no VmHWM in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> int:

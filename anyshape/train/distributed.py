@@ -117,9 +117,10 @@ def average_over_processes(module: nn.Module, world: Distributed) -> None:
                 parameter.grad /= world.world_size
 
 
-def mean_over_processes(value: Tensor, world: Distributed) -> float:
+def mean_over_processes(value: Tensor, world: Distributed) -> Tensor:
+    """The mean of `value` over the processes (`value` itself in one process); not read to the host."""
     if world.enabled:
         value = value.clone()
         torch.distributed.all_reduce(value)
         value /= world.world_size
-    return value.item()
+    return value

@@ -75,6 +75,7 @@ from anyshape.train.inputs import (
 from anyshape.train.run import check_destination, drop_later_metrics, log_metrics, start_run
 from anyshape.train.sampling import ShapeSampler
 from anyshape.train.settings import TrainSettings
+from anyshape.train.timing import SlotTimer
 
 TEACHER_SLOT = "teacher"  # a frozen teacher's next-token loss and perplexity in the metrics
 
@@ -264,14 +265,16 @@ def _train(
             sampled_largest, students = _students(sampler, control, step)
             largest = sampled_largest[1]
             largest_learns = bool(trainable) and (control is None or control.largest_learns)
-            losses, seconds = _step(
+            timer = SlotTimer(device)
+            on_device = _step(
                 wrapped, sampled_largest, students, batches, step, settings, world, device, autocast, balancer,
-                largest_learns, teacher,
+                largest_learns, timer, teacher,
             )  # fmt: skip
-            norms = [_clip(trainable, settings.max_grad_norm)]
+            norms = [_clip(trainable, settings.max_grad_norm, device)]
             for module, _ in companions.values():
                 average_over_processes(module, world)
-                norms.append(_clip(list(module.parameters()), settings.max_grad_norm))
+                norms.append(_clip(list(module.parameters()), settings.max_grad_norm, device))
+            losses, norms = _read(on_device, norms)
             norm, problem = norms[0], _nonfinite(losses, norms)
             skipped = problem is not None
             if skipped and settings.on_nonfinite == "stop":
@@ -305,10 +308,10 @@ def _train(
                 "step": step,
                 "lr": schedules[0].get_last_lr()[0] if schedules else None,  # the model's
                 "loss": losses,
-                "grad_norm": norm.item(),
+                "grad_norm": norm,
                 "skipped": skipped,
                 "seconds": time.perf_counter() - started,
-                "tokens_per_s": {slot: tokens / s for slot, s in seconds.items() if s > 0},
+                "tokens_per_s": {slot: tokens / s for slot, s in timer.seconds().items() if s > 0},
             }
             if control is not None:
                 metrics.update(control.metrics(step))
@@ -340,11 +343,18 @@ def _train(
     return metrics
 
 
-def _nonfinite(losses: dict[str, float], norms: list[Tensor]) -> str | None:
+def _read(losses: dict[str, Tensor], norms: list[Tensor]) -> tuple[dict[str, float], list[float]]:
+    """A step's losses and gradient norms (0-d tensors on the device) as numbers: the step's one
+    read from the device, so the host waits for it once, as a plain loop logging its loss does."""
+    values = torch.stack([*losses.values(), *norms]).tolist()
+    return dict(zip(losses, values[: len(losses)], strict=True)), values[len(losses) :]
+
+
+def _nonfinite(losses: dict[str, float], norms: list[float]) -> str | None:
     """What is NaN or inf in a step (the loss of which Shapes, the gradient), or None."""
     slots = [slot for slot, value in losses.items() if not math.isfinite(value)]
     problems = [f"the loss of {', '.join(slots)} is not finite"] if slots else []
-    if not all(torch.isfinite(n) for n in norms):
+    if not all(math.isfinite(n) for n in norms):
         problems.append("the gradient is not finite")
     return " and ".join(problems) or None
 
@@ -361,10 +371,12 @@ def _step(
     autocast: Callable[[], contextlib.AbstractContextManager],
     balancer: LossBalancer,
     largest_learns: bool,
+    timer: SlotTimer,
     frozen: nn.Module | None = None,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Accumulates one optimizer step's gradients; returns the mean loss and the seconds of
-    forward + backward per slot. `students(micro)` gives each micro-batch's smaller Shapes; the
+) -> dict[str, Tensor]:
+    """Accumulates one optimizer step's gradients; returns the mean loss per slot (0-d tensors
+    on the device, not read: the step reads them once, in `_read`) and times each slot's forward +
+    backward in `timer`. `students(micro)` gives each micro-batch's smaller Shapes; the
     largest Shape learns if `largest_learns`, its backward last (the one that synchronises
     gradients under DDP); else the last micro-batch's last student's does. The teacher is the
     largest Shape in place, or the `frozen` model: then the largest learns from it like the
@@ -372,10 +384,10 @@ def _step(
     largest_slot, largest = largest_shape
     reference = largest_slot if frozen is None else TEACHER_SLOT  # the slot whose loss balancing aims at
     reads = settings.kd != "none" or settings.balance_losses  # whether anything reads the teacher's logits
-    losses: dict[str, float] = {largest_slot: 0.0} if largest_learns or frozen is None else {}
-    seconds: dict[str, float] = dict.fromkeys(losses, 0.0)
+    zero = torch.zeros((), device=device)
+    losses: dict[str, Tensor] = {largest_slot: zero} if largest_learns or frozen is None else {}
     for micro in range(settings.grad_accum):
-        ids = shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size).to(device)
+        ids = _to_device(shard(batches.batch(step * settings.grad_accum + micro), world.rank, world.world_size), device)
         micro_students = students(micro)
         teacher = None  # the teacher's logits (b, S, V): computed only when something reads them
         if frozen is None:
@@ -387,29 +399,26 @@ def _step(
                 teacher = model(ids, shape=largest) if frozen is None else frozen(ids)
             teacher_value = mean_over_processes(next_token_nll(teacher, ids), world)
             if settings.balance_losses:
-                balancer.update(reference, teacher_value)  # the reference: updated first
+                balancer.update(reference, teacher_value.item())  # the reference: updated first
             if frozen is not None or not largest_learns:
-                losses[reference] = losses.get(reference, 0.0) + teacher_value / settings.grad_accum
+                losses[reference] = losses.get(reference, zero) + teacher_value / settings.grad_accum
         last = micro == settings.grad_accum - 1
         for index, student in enumerate(micro_students):
-            started = time.perf_counter()
             synchronise = last and not largest_learns and index == len(micro_students) - 1
-            with contextlib.nullcontext() if synchronise else no_sync(model), autocast():
+            with timer.span(student.slot), contextlib.nullcontext() if synchronise else no_sync(model), autocast():
                 objective = (
                     next_token_loss(ids) if settings.kd == "none" else distillation_head_loss(settings.kd, teacher)
                 )
                 loss = model(ids, shape=student.shape, loss=objective)
                 value = mean_over_processes(loss.detach(), world)
                 if settings.balance_losses:
-                    balancer.update(student.slot, value)
+                    balancer.update(student.slot, value.item())
                 scale = balancer.scale(student.slot) if settings.balance_losses else 1.0
                 ((loss * scale + student.penalty) / settings.grad_accum).backward()
-            losses[student.slot] = losses.get(student.slot, 0.0) + value / settings.grad_accum
-            seconds[student.slot] = seconds.get(student.slot, 0.0) + _synchronized(started, device)
+            losses[student.slot] = losses.get(student.slot, zero) + value / settings.grad_accum
         if not largest_learns:
             continue
-        started = time.perf_counter()
-        with contextlib.nullcontext() if last else no_sync(model), autocast():
+        with timer.span(largest_slot), contextlib.nullcontext() if last else no_sync(model), autocast():
             if frozen is None or settings.kd == "none":
                 objective = next_token_loss(ids)
             else:
@@ -417,12 +426,11 @@ def _step(
             loss = model(ids, shape=largest, loss=objective)
             value = mean_over_processes(loss.detach(), world)
             if frozen is not None and settings.balance_losses:  # in place, the largest is the reference itself
-                balancer.update(largest_slot, value)
+                balancer.update(largest_slot, value.item())
                 loss = loss * balancer.scale(largest_slot)
             (loss / settings.grad_accum).backward()
-        losses[largest_slot] += value / settings.grad_accum
-        seconds[largest_slot] += _synchronized(started, device)
-    return losses, seconds
+        losses[largest_slot] = losses[largest_slot] + value / settings.grad_accum
+    return losses
 
 
 def _students(
@@ -505,19 +513,20 @@ def _memory_estimate(
     )  # fmt: skip
 
 
-def _clip(parameters: list[Tensor], max_norm: float) -> Tensor:
-    """Clips the gradients' total norm to `max_norm` (0: no clipping); returns the norm before."""
+def _clip(parameters: list[Tensor], max_norm: float, device: torch.device) -> Tensor:
+    """Clips the gradients' total norm to `max_norm` (0: no clipping); returns the norm before
+    (a 0-d tensor on `device`)."""
     if not parameters:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
 
-def _synchronized(started: float, device: torch.device) -> float:
-    """Seconds since `started`, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+def _to_device(ids: Tensor, device: torch.device) -> Tensor:
+    """`ids` on `device`; to a GPU through pinned memory, a copy that does not wait for the device."""
+    if device.type != "cuda":
+        return ids.to(device)
+    return ids.pin_memory().to(device, non_blocking=True)
 
 
 def _bf16(precision: str, device: torch.device) -> bool:

@@ -6,11 +6,13 @@ import json
 import math
 import os
 import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import anyshape
@@ -343,6 +345,44 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_said(settings, monkeyp
     assert [record["skipped"] for record in history] == [False, True, False]
     assert any("step 2" in line and "skipped" in line for line in said)
     assert all(torch.isfinite(p).all() for p in anyshape.load(settings.out).parameters())
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts anyshape's reads of a tensor's values into Python (each one a host sync on a GPU;
+    torch's own, e.g. AdamW's of its step counters on the CPU, are not anyshape's to remove, and
+    the Shape sampler's draws from a CPU generator never touch the device)."""
+
+    READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
+    TORCH, ANYSHAPE = Path(torch.__file__).parent, Path(anyshape.__file__).parent
+    TENSOR_METHODS = (str(TORCH / "_tensor.py"), str(TORCH / "overrides.py"))
+    SAMPLER = str(ANYSHAPE / "train" / "sampling.py")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            caller = sys._getframe(1)
+            while caller.f_code.co_filename in self.TENSOR_METHODS:
+                caller = caller.f_back
+            where = caller.f_code.co_filename
+            self.count += where.startswith(str(self.ANYSHAPE)) and where != self.SAMPLER
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampling", ["largest", "sandwich"])
+def test_a_training_step_reads_the_device_once(settings, sampling):
+    """Losses, gradient norm, the skip check and per-Shape timing share one read a step, as
+    a plain loop that logs its loss has: no stall between a step's Shapes."""
+    reads = _HostReads()
+    at_step = {}
+    with reads:
+        train(
+            replace(settings, steps=3, sampling=sampling, grad_accum=2),
+            on_step=lambda s: at_step.update({s: reads.count}),
+        )
+    assert at_step[2] - at_step[1] == 1
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_training(settings, tiny_dir):

@@ -71,6 +71,8 @@ class LoRA(nn.Module):
         """x (B, T, in') -> the update (B, T, out'): s sum_e g_e B_e' A_e' x."""
         a = slice_along(self.lora_A, (None, None, self.in_axis), self.config, shape)  # (E, r, in')
         b = slice_along(self.lora_B, (None, self.out_axis, None), self.config, shape)  # (E, out', r)
+        if self.gate is None:  # LoRA: one expert, nothing to choose (and nothing read from the device)
+            return self.scale * F.linear(F.linear(x, a[0]), b[0])
         weights = self.mixture(shape)
         update = 0
         for e in weights.nonzero().flatten().tolist():  # only the Shape's experts run

@@ -371,15 +371,15 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("sampling", ["largest", "sandwich"])
-def test_a_training_step_reads_the_device_once(settings, sampling):
+@pytest.mark.parametrize(("sampling", "adapter"), [("largest", "full"), ("sandwich", "full"), ("sandwich", "lora")])
+def test_a_training_step_reads_the_device_once(settings, sampling, adapter):
     """Losses, gradient norm, the skip check and per-Shape timing share one read a step, as
     a plain loop that logs its loss has: no stall between a step's Shapes."""
     reads = _HostReads()
     at_step = {}
     with reads:
         train(
-            replace(settings, steps=3, sampling=sampling, grad_accum=2),
+            replace(settings, steps=3, sampling=sampling, adapter=adapter, grad_accum=2),
             on_step=lambda s: at_step.update({s: reads.count}),
         )
     assert at_step[2] - at_step[1] == 1

@@ -22,9 +22,11 @@ CASES = (
 )  # fmt: skip
 
 
-def measure(batch: int, seq_len: int, adapter: str, sampling: str) -> tuple[float, float]:
-    """(estimated, measured) peak GiB of a 2-step run; adapter "full+checkpointing" is full
-    fine-tuning with --activation-checkpointing."""
+def measure(
+    batch: int, seq_len: int, adapter: str, sampling: str, model: str = "smollm2-135m"
+) -> tuple[float, float]:
+    """(estimated, measured) peak GiB of a 2-step run of `model`; adapter "full+checkpointing"
+    is full fine-tuning with --activation-checkpointing."""
     import anyshape.memory
     from anyshape.train.loop import train
     from anyshape.train.settings import TrainSettings
@@ -38,7 +40,7 @@ def measure(batch: int, seq_len: int, adapter: str, sampling: str) -> tuple[floa
 
     anyshape.train.loop.check_memory = keep
     settings = TrainSettings(
-        model="smollm2-135m", out=tempfile.mkdtemp() + "/run", steps=2, seq_len=seq_len, batch_size=batch,
+        model=model, out=tempfile.mkdtemp() + "/run", steps=2, seq_len=seq_len, batch_size=batch,
         adapter=adapter.removesuffix("+checkpointing"), activation_checkpointing=adapter.endswith("+checkpointing"),
         sampling=sampling, save_every=100, eval_every=100, precision="fp32",
     )  # fmt: skip
@@ -58,10 +60,11 @@ def peak_resident_kib() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", help="batch,seq_len,adapter,sampling: measure one case in this process")
+    parser.add_argument("--model", default="smollm2-135m", help="the model of --case (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.case:
         batch, seq_len, adapter, sampling = args.case.split(",")
-        print(*measure(int(batch), int(seq_len), adapter, sampling))
+        print(*measure(int(batch), int(seq_len), adapter, sampling, args.model))
         return 0
     print("| micro-batch | adapter | Shapes | estimate GiB | measured GiB | estimate / measured |")
     print("|---|---|---|---:|---:|---:|")

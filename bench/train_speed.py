@@ -11,7 +11,7 @@ batches (batch x seq_len: anyshape's own batches of the text), in float32 weight
 autocast (--precision bf16, the default on CUDA) or without (fp32, the default on the CPU):
 
   plain     `AutoModelForCausalLM.from_pretrained` on the device, labels = input ids, AdamW
-            (lr 1e-4, fused on CUDA), gradient clipping at 1.0;
+            (lr 1e-4, fused), gradient clipping at 1.0;
   anyshape  `anyshape.train.loop.train` with sampling largest, kd none, one micro-batch; its
             seconds per step are RUN/metrics.jsonl's (the whole optimizer step);
   anyshape --compile  (--compile) the same with its decoder layers compiled (torch.compile);
@@ -225,7 +225,7 @@ def run_plain(name: str, settings, device: torch.device, args: argparse.Namespac
         model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32).to(device)
         model.train()
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=LR, **({"fused": True} if device.type == "cuda" else {}))
+        optimizer = torch.optim.AdamW(parameters, lr=LR, fused=True)
         for step in range(settings.steps):
             begun = time.perf_counter()
             ids = batches.batch(step).to(device)

@@ -199,7 +199,7 @@ def _train(
     if rows is not None:
         fill_shards(model, rows, device)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
-    fused = device.type == "cuda" and not (world.enabled and settings.distributed == "fsdp")  # one kernel per step
+    fused = not (world.enabled and settings.distributed == "fsdp")  # one kernel per step, on the CPU too
     optimizer = (
         torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=fused)
         if trainable

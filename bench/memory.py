@@ -22,9 +22,7 @@ CASES = (
 )  # fmt: skip
 
 
-def measure(
-    batch: int, seq_len: int, adapter: str, sampling: str, model: str = "smollm2-135m"
-) -> tuple[float, float]:
+def measure(batch: int, seq_len: int, adapter: str, sampling: str, model: str = "smollm2-135m") -> tuple[float, float]:
     """(estimated, measured) peak GiB of a 2-step run of `model`; adapter "full+checkpointing"
     is full fine-tuning with --activation-checkpointing."""
     import anyshape.memory

@@ -43,6 +43,7 @@ from anyshape.serve.engine import Request as Generation
 from anyshape.shape import Shape
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of /v1/completions
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming answer checks that its client is still there
 NEUTRAL = {  # OpenAI parameters the generator does not support, accepted at their no-op values
     "n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "frequency_penalty": 0,
     "presence_penalty": 0, "logit_bias": {}, "user": None, "parallel_tool_calls": None,
@@ -211,19 +212,19 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, request: Request) -> Any:
         prompt = body.prompt if isinstance(body.prompt, list) else tokenizer(body.prompt)["input_ids"]
-        return await answer(body, list(prompt), body.max_tokens or COMPLETION_MAX_TOKENS, chat=False)
+        return await answer(body, list(prompt), body.max_tokens or COMPLETION_MAX_TOKENS, False, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody) -> Any:
+    async def chat_completions(body: ChatBody, request: Request) -> Any:
         try:
             prompt = prompt_tokens(tokenizer, [message.model_dump() for message in body.messages])
         except AnyshapeError as error:
             raise ApiError(400, str(error), "messages") from None
-        return await answer(body, prompt, body.max_completion_tokens or body.max_tokens, chat=True)
+        return await answer(body, prompt, body.max_completion_tokens or body.max_tokens, True, request)
 
-    async def answer(body: GenerationBody, prompt: list[int], wanted: int | None, chat: bool) -> Any:
+    async def answer(body: GenerationBody, prompt: list[int], wanted: int | None, chat: bool, request: Request) -> Any:
         refuse_unsupported(body)
         if not prompt:
             raise ApiError(400, "the prompt is empty", "prompt")
@@ -261,7 +262,7 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
-        return reply.whole("".join([piece async for piece in pieces]))
+        return reply.whole(await whole_text(pieces, request))
 
     async def text_pieces(
         generation: Generation, events: asyncio.Queue, stream: TextStream, stop_text: StopText, reply: Reply, name: str
@@ -311,6 +312,20 @@ def create_app(catalog: Catalog, tokenizer: PreTrainedTokenizerBase, engine: Eng
         return name, shape, None
 
     return app
+
+
+async def whole_text(pieces: AsyncIterator[str], request: Request) -> str:
+    """The answer's whole text; if the client leaves first, its generation stops (its slot is freed)."""
+    collect = asyncio.ensure_future(_joined(pieces))
+    while not (await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S))[0]:
+        if await request.is_disconnected():
+            collect.cancel()  # text_pieces' `finally` cancels the generation
+            raise ApiError(499, "the client closed the connection", code="client_closed")
+    return collect.result()
+
+
+async def _joined(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
 
 
 @dataclass

@@ -311,6 +311,21 @@ def test_a_full_queue_answers_429_and_a_busy_size_degrades(family):
         second.close()
 
 
+def test_a_client_that_leaves_a_whole_answer_frees_its_slot(family):
+    with serving(family, max_batch=1) as server, slowed(server.engine.model, 0.05):
+        whole = server.engine.model.full_shape
+        body = {"model": "anyshape", "prompt": "abc", "max_tokens": 200, "temperature": 0}  # 10 s or more
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(f"{server.address}/v1/completions", json.dumps(body).encode(), headers)
+        with pytest.raises(TimeoutError):
+            urllib.request.urlopen(request, timeout=0.5)  # gives up and closes the connection
+        deadline = time.monotonic() + 3
+        while server.engine.busy(whole):
+            assert time.monotonic() < deadline, "the answer nobody waits for still runs"
+            time.sleep(0.05)
+        assert post(server, "/v1/completions", {**body, "max_tokens": 2})[0] == 200
+
+
 def test_shutdown_finishes_what_is_in_flight_and_refuses_new_requests(family):
     with serving(family, max_batch=2) as server, slowed(server.engine.model, 0.01):
         api = client(server)

@@ -59,25 +59,29 @@ class LoRA(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and peft initialise A
         self.gate = nn.Linear(5, experts, **like) if experts > 1 else None
 
+    def chosen_experts(self, shape: Shape) -> tuple[Tensor, Tensor]:
+        """SMOL: (k,) the indices of `shape`'s top-k experts by gate logit, and (k,) their
+        weights, the softmax over those logits."""
+        top = self.gate(shape_features(shape, self.config).to(self.lora_A)).topk(self.top_k)
+        return top.indices, top.values.softmax(0)
+
     def mixture(self, shape: Shape) -> Tensor:
         """(E,) the weight of each expert for `shape`: 1 for plain LoRA."""
         if self.gate is None:
             return self.lora_A.new_ones(1)
-        logits = self.gate(shape_features(shape, self.config).to(self.lora_A))  # (E,)
-        top = logits.topk(self.top_k)
-        return torch.zeros_like(logits).scatter(0, top.indices, top.values.softmax(0))
+        indices, weights = self.chosen_experts(shape)
+        return self.lora_A.new_zeros(len(self.lora_A)).scatter(0, indices, weights)
 
     def forward(self, x: Tensor, shape: Shape) -> Tensor:
         """x (B, T, in') -> the update (B, T, out'): s sum_e g_e B_e' A_e' x."""
         a = slice_along(self.lora_A, (None, None, self.in_axis), self.config, shape)  # (E, r, in')
         b = slice_along(self.lora_B, (None, self.out_axis, None), self.config, shape)  # (E, out', r)
-        if self.gate is None:  # LoRA: one expert, nothing to choose (and nothing read from the device)
+        if self.gate is None:  # LoRA: one expert, nothing to choose
             return self.scale * F.linear(F.linear(x, a[0]), b[0])
-        weights = self.mixture(shape)
-        update = 0
-        for e in weights.nonzero().flatten().tolist():  # only the Shape's experts run
-            update = update + weights[e] * F.linear(F.linear(x, a[e]), b[e])
-        return self.scale * update
+        chosen, weights = self.chosen_experts(shape)  # on the device: nothing is read to the host
+        middle = F.linear(x, a[chosen].flatten(0, 1))  # (B, T, k r): each chosen expert's A_e x
+        middle = middle * weights.repeat_interleave(a.shape[1])  # times its weight g_e
+        return self.scale * F.linear(middle, b[chosen].permute(1, 0, 2).flatten(1))  # sum over e of B_e (.)
 
     def delta_weight(self, shape: Shape) -> Tensor:
         """(out, in) the full-width update s sum_e g_e B_e A_e for `shape`'s mixture; its Shape

@@ -371,7 +371,9 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("sampling", "adapter"), [("largest", "full"), ("sandwich", "full"), ("sandwich", "lora")])
+@pytest.mark.parametrize(
+    ("sampling", "adapter"), [("largest", "full"), ("sandwich", "full"), ("sandwich", "lora"), ("sandwich", "smol")]
+)
 def test_a_training_step_reads_the_device_once(settings, sampling, adapter):
     """Losses, gradient norm, the skip check and per-Shape timing share one read a step, as
     a plain loop that logs its loss has: no stall between a step's Shapes."""

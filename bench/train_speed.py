@@ -307,8 +307,6 @@ def row(
     name: str, mode: str, seconds: list[float], flops: list[float], peak: int, estimate, losses: list[float],
     wall: float, device: torch.device, args: argparse.Namespace,
 ) -> dict[str, Any]:  # fmt: skip
-    from anyshape.memory import RUNTIME_BYTES
-
     measured = seconds[args.warmup :]
     per_step = statistics.median(measured)
     tokens = args.batch * args.seq_len
@@ -324,9 +322,9 @@ def row(
         "wall_seconds": wall, "estimate": None, "estimate_vs_measured": None,
     }  # fmt: skip
     if estimate is not None:
-        parts = {k: getattr(estimate, k) for k in ("weights", "optimizer", "activations", "logits")}
-        result["estimate"] = parts | {"runtime": RUNTIME_BYTES, "total": estimate.total}
-        result["estimate_vs_measured"] = (estimate.total - RUNTIME_BYTES) / peak if peak > 0 else None
+        parts = {k: getattr(estimate, k) for k in ("weights", "optimizer", "activations", "logits", "runtime")}
+        result["estimate"] = parts | {"total": estimate.total}
+        result["estimate_vs_measured"] = (estimate.total - estimate.runtime) / peak if peak > 0 else None
     return result
 
 

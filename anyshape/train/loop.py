@@ -33,12 +33,12 @@ from anyshape.errors import AnyshapeError
 from anyshape.files import clear_leftovers
 from anyshape.importance.scores import scores_beside
 from anyshape.memory import (
-    RUNTIME_BYTES,
     GiB,
     MemoryEstimate,
     available_memory,
     check_memory,
     parse_size,
+    runtime_bytes,
     training_memory,
 )
 from anyshape.model.config import LlamaFamilyConfig
@@ -178,11 +178,11 @@ def _train(
     control = controller(settings, space, device) if controller is not None else None
     bf16 = _bf16(settings.precision, device)
     sequences = micro_batch // world.world_size
-    estimate = _memory_estimate(model, settings, sequences, device, teacher_config, bf16, world.world_size)
+    estimate = _memory_estimate(model, settings, sequences, device, loaded, teacher_config, bf16, world.world_size)
     if settings.max_memory is not None:
         limit = parse_size(settings.max_memory)
-    else:  # what the loaded model holds (nothing if it is not loaded yet), and what is free
-        limit = available_memory(device) + (estimate.weights if loaded else 0) + RUNTIME_BYTES
+    else:  # what is free, and what the process holds already: the loaded model (if it is), the runtime
+        limit = available_memory(device) + (estimate.weights if loaded else 0) + estimate.runtime
     what = f"a training step of {sequences} x {settings.seq_len} tokens on {device.type}"
     if dry_run:
         log(f"{what} needs about {estimate.describe()}; {limit / GiB:.1f} GiB allowed")
@@ -492,24 +492,28 @@ def _memory_estimate(
     settings: TrainSettings,
     sequences: int,
     device: torch.device,
+    loaded: bool,
     teacher: LlamaFamilyConfig | None = None,
     bf16: bool = False,
     world_size: int = 1,
 ) -> MemoryEstimate:
     """The estimated peak (anyshape.memory) of a step of `sequences` per process, before the
-    first batch, in one of `world_size` processes. A frozen `teacher` (its config: it loads
-    after this) counts in bfloat16 when `bf16`, else float32."""
+    first batch, in one of `world_size` processes, the model's weights `loaded` already or not. A
+    frozen `teacher` (its config: it loads after this) counts in bfloat16 when `bf16`, else
+    float32."""
     several = settings.sampling != "largest" or settings.router or settings.prune_target is not None  # Shapes a step
     reads = settings.kd != "none" or settings.balance_losses  # whether the smaller Shapes read a teacher's logits
+    held = sum(p.numel() * p.element_size() for p in model.parameters()) if loaded else 0
     return training_memory(
         model.config, model.full_shape, sequences, settings.seq_len,
         sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad),
-        adapters=settings.adapter != "full",
+        adapter=settings.adapter, rank=settings.lora_rank, top_k=settings.top_k,
         teacher_parameters=Shape.full(teacher).num_parameters(teacher) if teacher is not None else 0,
         teacher_bytes_per_value=2 if bf16 else 4, checkpointing=settings.activation_checkpointing,
         autocast_bytes=2 if bf16 else 4, teacher_logits=reads and (several or teacher is not None),
         accumulates=several or settings.grad_accum > 1,
         shards=world_size if settings.distributed == "fsdp" else 1,
+        runtime=runtime_bytes(device, held),
     )  # fmt: skip
 
 

@@ -16,16 +16,17 @@ autocast (--precision bf16, the default on CUDA) or without (fp32, the default o
             seconds per step are RUN/metrics.jsonl's (the whole optimizer step);
   anyshape --compile  (--compile) the same with its decoder layers compiled (torch.compile);
   sandwich  (--sandwich N) the same with sampling sandwich: the largest, the smallest and N - 2
-            random Shapes per step.
+            random Shapes per step; with --compile also compiled, where new widths every step
+            would show as graphs compiled in the measured steps (printed below the table).
 
 s/step is the median over the steps after --warmup. Peak memory: torch.cuda.max_memory_allocated
 (the peak reset before each loop), or on the CPU the peak resident memory over what the process
 held before the loop (/proc/self/status VmHWM after resetting it, else a sampling thread). MFU
 (CUDA only): model FLOPs per step, 3 x `Shape.flops_per_token` (6N + 12 L Q d S per token, N the
 matrix parameters including the LM head) summed over the Shapes a step trains, over the seconds
-and --peak-tflops. "estimate / measured": the peak anyshape's memory guard estimates for the step,
-less its fixed runtime allowance, over the measured peak. anyshape's run stops after its last
-measured step, so it writes no final checkpoint.
+and --peak-tflops. "estimate / measured": the peak anyshape's memory guard plans for the step,
+less its runtime part (what the process held besides tensors), over the measured peak.
+anyshape's run stops after its last measured step, so it writes no final checkpoint.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results["rows"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"\nspeed vs plain: plain s/step over this row's; estimate / measured: anyshape's memory estimate of the "
-          f"step (less its runtime allowance) over the measured peak. Results in {args.out}")  # fmt: skip
+    print(f"\nspeed vs plain: plain s/step over this row's; estimate / measured: anyshape's memory plan of the "
+          f"step (less its runtime part) over the measured peak. Results in {args.out}")  # fmt: skip
     return 0
 
 
@@ -158,6 +159,9 @@ def bench_config(name: str, work: Path, device: torch.device, args: argparse.Nam
         sandwich = replace(settings, sampling="sandwich", random_shapes=args.sandwich - 2, kd=args.kd,
                            out=str(work / "sandwich"))  # fmt: skip
         rows.append(run_anyshape(name, f"sandwich-{args.sandwich}", sandwich, device, args))
+        if args.compile:  # new random widths every step: where recompiling each step would show
+            compiled = replace(sandwich, compile=True, out=str(work / "sandwich-compiled"))
+            rows.append(run_anyshape(name, f"sandwich-{args.sandwich} --compile", compiled, device, args))
     for row in rows:
         row["speed_vs_plain"] = rows[0]["seconds_per_step"] / row["seconds_per_step"]
     return rows
@@ -250,6 +254,8 @@ class _Measured(Exception):
 def run_anyshape(name: str, mode: str, settings, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """`anyshape.train.loop.train` on the same text; its own per-step seconds and the memory
     estimate its guard checks."""
+    from torch._dynamo.utils import counters
+
     import anyshape.train.loop as loop
     from anyshape.checkpoints import load_config
     from anyshape.train.run import iterate_metrics
@@ -257,12 +263,15 @@ def run_anyshape(name: str, mode: str, settings, device: torch.device, args: arg
 
     estimates = []
     original = loop.check_memory
+    graphs = {"start": counters["stats"]["unique_graphs"]}  # graphs torch.compile has made in this process
 
     def keep(estimate, *rest):
         estimates.append(estimate)
         original(estimate, *rest)
 
     def stop(step: int) -> None:
+        if step == args.warmup:
+            graphs["warm"] = counters["stats"]["unique_graphs"]
         if step == settings.steps:
             raise _Measured
 
@@ -289,6 +298,9 @@ def run_anyshape(name: str, mode: str, settings, device: torch.device, args: arg
         name, mode, [m["seconds"] for m in records], flops, peak.bytes, estimates[0],
         [m["loss"]["largest"] for m in records], wall, device, args,
     )  # fmt: skip
+    made = counters["stats"]["unique_graphs"]
+    result["graphs_compiled"] = made - graphs["start"]
+    result["graphs_compiled_in_measured_steps"] = made - graphs.get("warm", graphs["start"])
     measured = records[args.warmup :]
     result["tokens_per_s_by_slot"] = {
         slot: statistics.median(m["tokens_per_s"][slot] for m in measured if slot in m["tokens_per_s"])
@@ -422,6 +434,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['config']} | {r['mode']} | {r['seconds_per_step']:.4f} | {r['tokens_per_s']:,.0f} | {mfu} | "
             f"{r['peak_bytes'] / GiB:.2f} | {r['speed_vs_plain']:.3f} | {estimate} |"
         )
+    lines += [
+        f"{r['config']} {r['mode']}: {r['graphs_compiled']} graphs compiled, "
+        f"{r['graphs_compiled_in_measured_steps']} of them in the measured steps"
+        for r in rows
+        if r["mode"].endswith("--compile")
+    ]
     return "\n".join(lines)
 
 

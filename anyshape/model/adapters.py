@@ -42,7 +42,15 @@ class LoRA(nn.Module):
     Shape's mixture is the softmax over its `top_k` largest logits.
     """
 
-    def __init__(self, base: ElasticLinear, rank: int, alpha: float, experts: int = 1, top_k: int = 1):
+    def __init__(
+        self,
+        base: ElasticLinear,
+        rank: int,
+        alpha: float,
+        experts: int = 1,
+        top_k: int = 1,
+        device: torch.device | None = None,
+    ):
         super().__init__()
         if rank < 1 or experts < 1 or not 1 <= top_k <= experts:
             raise AnyshapeError(
@@ -52,7 +60,7 @@ class LoRA(nn.Module):
         self.config = base.config
         self.out_axis, self.in_axis = axes_of(f"{base.name}.weight")
         self.scale, self.top_k = alpha / rank, top_k
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        like = {"device": device or base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(experts, rank, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(experts, base.out_features, rank, **like))
         for a in self.lora_A:
@@ -104,10 +112,12 @@ def add_adapters(
     experts: int = 4,
     top_k: int = 1,
     targets: tuple[str, ...] = PROJECTIONS,
+    device: torch.device | None = None,
 ) -> list[nn.Parameter]:
     """Prepares `model` for training with `kind` (full, lora or smol) and returns the trainable
     parameters. lora and smol freeze the base and add a LoRA (one expert) or SMOL (`experts`)
-    adapter on each `targets` projection; alpha defaults to 2 x rank."""
+    adapter on each `targets` projection, on `device` (default: the projection's); alpha
+    defaults to 2 x rank."""
     if kind not in ADAPTERS:
         raise AnyshapeError(f"unknown adapter {kind!r}; choose one of {', '.join(ADAPTERS)}")
     unknown = sorted(set(targets) - set(PROJECTIONS))
@@ -125,7 +135,7 @@ def add_adapters(
     for _, projection in projections(model):
         if projection.name in targets:
             n = experts if kind == "smol" else 1
-            projection.adapter = LoRA(projection, rank, alpha, n, min(top_k, n))
+            projection.adapter = LoRA(projection, rank, alpha, n, min(top_k, n), device)
     return [p for p in model.parameters() if p.requires_grad]
 
 

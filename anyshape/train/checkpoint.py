@@ -133,14 +133,17 @@ def load_companion(run: Path, name: str, module: nn.Module) -> nn.Module:
     return module
 
 
-def add_trainable_modules(model: ElasticLlama, settings: TrainSettings) -> None:
+def add_trainable_modules(model: ElasticLlama, settings: TrainSettings, device: torch.device | None = None) -> None:
     """Adds what `settings` train besides (or instead of) the weights, and so what a run's
-    checkpoint holds: adapters, modulation; with router_only the model's own weights are frozen,
-    with all_weights every weight trains (a compact shared model's stored weights too, not only
-    its recovery)."""
+    checkpoint holds: adapters (on `device`, default the model's), modulation; with router_only
+    the model's own weights are frozen, with all_weights every weight trains (a compact shared
+    model's stored weights too, not only its recovery)."""
     if settings.all_weights:
         model.requires_grad_(True)
-    add_adapters(model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k)
+    add_adapters(
+        model, settings.adapter, settings.lora_rank, settings.lora_alpha, settings.experts, settings.top_k,
+        device=device,
+    )  # fmt: skip
     if settings.router_only:
         model.requires_grad_(False)
     if settings.modulation:

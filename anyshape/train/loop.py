@@ -17,6 +17,7 @@ once per step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import time
@@ -165,6 +166,7 @@ def _train(
     else:  # built empty: a dry run counts its parameters; under FSDP each process then reads only its shard
         with torch.device("meta"):
             model = ElasticLlama(student).eval()
+    bare = copy.deepcopy(model) if rows is not None and settings.adapter != "full" else None  # on meta: no memory
     model.checkpoint_layers = settings.activation_checkpointing
     if settings.compile:
         for layer in model.model.layers:
@@ -174,7 +176,10 @@ def _train(
         space, settings.sampling, settings.random_shapes, [Shape.from_dict(s, model.config) for s in settings.shapes],
         settings.seed,
     )  # fmt: skip
+    random_state = torch.get_rng_state()
     add_trainable_modules(model, settings)
+    if bare is not None:
+        rows = _with_first_adapters(rows, bare, settings, random_state)
     control = controller(settings, space, device) if controller is not None else None
     bf16 = _bf16(settings.precision, device)
     sequences = micro_batch // world.world_size
@@ -478,13 +483,25 @@ def _perplexity(model: nn.Module, val: Tensor, settings: TrainSettings, autocast
 
 def _sharded_rows(settings: TrainSettings, world: Distributed) -> RowReader | None:
     """What reads each FSDP process's rows of MODEL's weights, where a run can load them so: a
-    Hugging Face folder of safetensors, every parameter trained as it is (no adapters, modulation,
-    router or pruning masks, whose initial values come from the whole model's initialisation)."""
-    plain = settings.adapter == "full" and not (settings.modulation or settings.router or settings.router_only)
+    Hugging Face folder of safetensors, its weights or adapters trained (not modulation, a router
+    or pruning masks, whose initial values come from the whole model's initialisation)."""
+    plain = not (settings.modulation or settings.router or settings.router_only)
     if not (world.enabled and settings.distributed == "fsdp" and plain and settings.prune_target is None):
         return None
     path = resolve(settings.model)
     return row_reader(path) if kind_of(path) is None else None
+
+
+def _with_first_adapters(
+    rows: RowReader, bare: ElasticLlama, settings: TrainSettings, random_state: Tensor
+) -> RowReader:
+    """`rows`, and the rows of the adapters as one process holding the whole model first draws
+    them, from `random_state` (the generator's when they were added). Adapters are small: each
+    process makes them whole on the CPU, on `bare`, the model built on the meta device."""
+    torch.set_rng_state(random_state)
+    add_trainable_modules(bare, settings, device=torch.device("cpu"))
+    first = {name: p.detach() for name, p in bare.named_parameters() if not p.is_meta}
+    return lambda name, start, stop: first[name][start:stop] if name in first else rows(name, start, stop)
 
 
 def _memory_estimate(

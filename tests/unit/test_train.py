@@ -232,7 +232,9 @@ def train_in_one_and_two_processes(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("distributed", "adapter"), [("ddp", "full"), ("ddp", "smol"), ("fsdp", "full")])
+@pytest.mark.parametrize(
+    ("distributed", "adapter"), [("ddp", "full"), ("ddp", "smol"), ("fsdp", "full"), ("fsdp", "lora"), ("fsdp", "smol")]
+)
 def test_two_processes_train_the_same_weights_as_one(settings, distributed, adapter):
     settings = replace(settings, steps=3, grad_accum=2, distributed=distributed, adapter=adapter, lora_rank=4)
     single = train_in_one_and_two_processes(settings)

@@ -8,15 +8,14 @@ largest Shape. Per token and decoder layer the forward saves, counted from autog
 tensors: each norm's input, and its normalised input where the norm's weight learns (float32, as
 the residual stream is under autocast); the projections' inputs (two norm outputs, the attention
 output: 2H + Q d; under autocast q, k, v, gate and up each keep their own cast of theirs: 5H +
-Q d), the rotated queries, keys and values (Q d + 2 G d), and the MLP's gate, up,
-activation and product (4F), in the autocast dtype; an attention log-sum-exp per query head. LoRA
-adds each adapted projection's rank-r middle A x, SMOL each chosen expert's, before and after its
-mixture weight; a sliding-window mask keeps SDPA off its fused kernels and adds Q T
-probabilities. Per Shape, not per token: the weights cast to the autocast dtype for its matmuls,
-or, without autocast, the query and output projections' weights where dropping query heads
-inside a group slices them by copy. With
-activation checkpointing the forward keeps only each layer's input (H per token and layer) and
-one layer's activations at a time. The losses read the LM head a chunk of rows at a time
+Q d), the rotated queries, keys and values (Q d + 2 G d), and the MLP's gate, up, activation and
+product (4F), in the autocast dtype; an attention log-sum-exp per query head. LoRA adds each
+adapted projection's rank-r middle A x, SMOL each chosen expert's, before and after its mixture
+weight; a sliding-window mask keeps SDPA off its fused kernels and adds Q T probabilities. Per
+Shape, not per token: the weights cast to the autocast dtype for its matmuls, or, without
+autocast, the query and output projections' weights where dropping query heads inside a group
+slices them by copy. With activation checkpointing the forward keeps only each layer's input (H
+per token and layer) and one layer's activations at a time. The losses read the LM head a chunk of rows at a time
 (`anyshape.model.head`), so the logits are one chunk's (logits, softmax, gradient in float32),
 the teacher's whole (B, S, V) in the autocast dtype, and the head's gradient.
 
